@@ -1,0 +1,652 @@
+"""The leader election: a pure state machine, ``Election.handle(event, now) -> actions``.
+
+Theory of operation
+===================
+
+MQTT has no compare-and-set. Two agents can publish a claim at the same instant and the broker takes
+both; a retained message is simply overwritten. hasync therefore never treats a publish as a decision.
+The decision is made by *reading*: every agent subscribes to one lease topic and applies the same
+deterministic rule to the records in the order the broker delivers them. The broker's order is the
+arbiter, and an agent's own claim counts only when it comes back from the broker.
+
+The stream and the view
+-----------------------
+Each record is a claim, a renewal or a release, numbered by ``(term, seq)``. A node's *view* is the
+newest record it has accepted. The rules, applied to every record in stream order:
+
+* a **claim** for term ``t`` names the record it follows, ``(prev_term, prev_seq)`` with
+  ``t == prev_term + 1``. It is accepted iff that position is not older than the view
+  (lexicographically). This is compare-and-set emulated by reading: if the leader renewed after the
+  claimant last looked, or another claim for ``t`` came first, the claim names an outdated position and
+  every reader rejects it. So a term has at most one accepted claim: the first in broker order.
+* a **renewal** ``(t, s)`` is accepted iff ``t`` is the view's term, its holder is the view's holder,
+  the lease is not released and ``s`` is greater than the view's seq. A renewal for a term newer than
+  the view is adopted too: the reader missed the claim (it joined late).
+* a **release** is accepted like a renewal and marks the lease free, optionally naming a successor.
+* anything else is stale (an older term or seq: a replay, a rogue or late claim) and is ignored.
+  Terms in a view therefore never decrease.
+
+Claims are published without the retain flag and renewals with it, so the retained record a joining
+node starts from is always one its holder published as primary.
+
+Time
+----
+Only local monotonic clocks are used: a record's age is judged by the local time it was *received*,
+never by comparing the sender's wall clock (the ``sent_at`` fields are for humans).
+
+* The leader acts only until ``deadline = send time of its newest echoed record + renew_deadline``.
+  Every renewal that comes back extends it; if none does in time, it demotes. It checks this deadline
+  (``is_leader(now)``) before anything it does as primary, so a leader that was frozen (SIGSTOP) and
+  wakes up late does nothing as primary: it demotes first.
+* A follower may claim only after a full ``lease_duration`` of silence on the lease topic: no record
+  at all (valid or not, from anyone) received for that long. Since ``lease_duration >
+  renew_deadline``, and the leader's newest echoed record was sent no later than the follower
+  received it, the leader's deadline passes before the follower's claim is even sent, provided the
+  two clocks' rates differ by less than ``lease_duration / renew_deadline``.
+* Start-up and reconnect count as activity: a node observes for a full lease before it may claim, so
+  a stale retained lease (a restarted broker can restore an old one) never leads to a claim by itself.
+  A node also refuses to claim while a fresh heartbeat of an online peer reports a newer view than
+  its own (it joined from a stale retained record and must learn the current term first).
+
+Fast paths
+----------
+* **Release.** A graceful handover demotes first (the demote hook has run), then publishes a release
+  naming the successor, which claims at once. Other nodes still wait for silence.
+* **Last Will.** When the holder's connection drops, the broker publishes its will (a heartbeat with
+  ``online: false``). If the will carries the same incarnation and connection number as the holder's
+  newest record, the lease is vacant at once. This is safe because a leader demotes the moment it
+  loses its own connection; it assumes the leader learns of that loss no later than a peer receives
+  the will, claims and sees its claim echoed. It can be switched off (``will_fast_path``). A will
+  from an older connection of a node that is back is ignored. Correctness never depends on the will
+  being sent at all (amqtt never sends it for a hung client).
+
+After vacancy, eligible nodes claim in rank order (priority, then node id), ``claim_stagger`` apart,
+so the best node usually wins without a contest; when two do contest, the stream decides.
+
+Guarantees and assumptions
+--------------------------
+At most one accepted claim per term, agreed by every node that read the stream; never two nodes acting
+as primary at once. Assumed: one broker, which delivers each message on the lease topic to every
+connected subscriber in one order; clock *rates* that differ by less than the lease/renew ratio; a
+leader process that is scheduled at least once per renew interval when it is not frozen outright.
+Not guaranteed: that a frozen or cut-off leader's side effects (a hook already running) stop; that
+terms survive a full restart of every node *and* a broker without persistence (the retained lease is
+the only memory); liveness while the broker is down.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from .messages import Heartbeat, LeaseRecord, View
+
+
+class Role(enum.Enum):
+    DISCONNECTED = "disconnected"
+    OBSERVING = "observing"
+    FOLLOWER = "standby"
+    CANDIDATE = "candidate"
+    LEADER = "primary"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds. Validated by ``hasync.config``; the relations are restated in ``check``."""
+
+    lease_duration: float = 3.0
+    renew_deadline: float = 2.0
+    renew_interval: float = 0.5
+    heartbeat_interval: float = 1.0
+    claim_stagger: float = 0.15
+    preempt_delay: float = 5.0
+    will_fast_path: bool = True
+
+    def check(self) -> None:
+        if not 0 < self.renew_interval < self.renew_deadline < self.lease_duration:
+            raise ValueError("need 0 < renew_interval < renew_deadline < lease_duration")
+        if not 0 < self.heartbeat_interval <= self.lease_duration / 2:
+            raise ValueError("need 0 < heartbeat_interval <= lease_duration / 2")
+        if self.claim_stagger < 0 or self.preempt_delay < 0:
+            raise ValueError("claim_stagger and preempt_delay must be >= 0")
+
+
+# ---- events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connected:
+    conn: int
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str = "connection lost"
+
+
+@dataclass(frozen=True)
+class RecordReceived:
+    record: LeaseRecord
+    retained: bool = False
+
+
+@dataclass(frozen=True)
+class HeartbeatReceived:
+    heartbeat: Heartbeat
+
+
+@dataclass(frozen=True)
+class HealthChanged:
+    healthy: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class MaintenanceChanged:
+    on: bool
+
+
+@dataclass(frozen=True)
+class StepDown:
+    """Hand leadership over gracefully. ``final`` (shutdown) also stops all future claims."""
+
+    reason: str
+    successor: str | None = None
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+Event = (
+    Connected
+    | Disconnected
+    | RecordReceived
+    | HeartbeatReceived
+    | HealthChanged
+    | MaintenanceChanged
+    | StepDown
+    | Tick
+)
+
+
+# ---- actions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish a lease record. ``after_hooks``: only once every queued role hook has finished."""
+
+    record: LeaseRecord
+    retain: bool
+    after_hooks: bool = False
+
+
+@dataclass(frozen=True)
+class Promoted:
+    term: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Demoted:
+    term: int
+    reason: str
+    acting_until: float  # the last instant this node could have acted as primary
+
+
+@dataclass(frozen=True)
+class Fault:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    record: LeaseRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class RepublishHeartbeat:
+    reason: str
+
+
+Action = Publish | Promoted | Demoted | Fault | Ignored | RepublishHeartbeat
+
+
+# ---- state --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The accepted view of the lease stream."""
+
+    term: int
+    seq: int
+    holder: str
+    incarnation: str
+    conn: int
+    released: bool = False
+    successor: str | None = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.term, self.seq)
+
+
+@dataclass
+class Peer:
+    heartbeat: Heartbeat
+    received_at: float
+    eligible_since: float | None = None
+
+
+@dataclass
+class _Leadership:
+    term: int
+    seq: int
+    deadline: float
+    next_renew_at: float
+    sent_at: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Candidacy:
+    term: int
+    sent_at: float
+
+
+class Election:
+    """One node's election state. Feed it events with the local monotonic time; do what it returns."""
+
+    def __init__(
+        self,
+        node_id: str,
+        incarnation: str,
+        *,
+        priority: int = 100,
+        preempt: bool = True,
+        timing: Timing | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.priority = priority
+        self.preempt = preempt
+        self.timing = timing or Timing()
+        self.timing.check()
+        self.role = Role.DISCONNECTED
+        self.conn = 0
+        self.lease: Lease | None = None
+        self.peers: dict[str, Peer] = {}
+        self.healthy = False
+        self.health_detail = "no health result yet"
+        self.maintenance = False
+        self.stopping = False
+        self._connected_at = 0.0
+        self._last_activity = 0.0
+        self._vacant_since: float | None = None
+        self._holdoff_until = 0.0
+        self._leadership: _Leadership | None = None
+        self._candidacy: _Candidacy | None = None
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    def is_leader(self, now: float) -> bool:
+        """True only while this node may act as primary: leader and within its renew deadline."""
+        return self._leadership is not None and now < self._leadership.deadline
+
+    @property
+    def term(self) -> int:
+        return self.lease.term if self.lease else 0
+
+    @property
+    def leader(self) -> str | None:
+        """The node holding the lease in this node's view (None when free or unknown)."""
+        if self.lease is None or self.lease.released:
+            return None
+        return self.lease.holder
+
+    @property
+    def deadline(self) -> float | None:
+        return self._leadership.deadline if self._leadership else None
+
+    def view(self) -> View | None:
+        return View(term=self.lease.term, seq=self.lease.seq) if self.lease else None
+
+    def eligible(self, now: float) -> bool:
+        return (
+            self.role in (Role.FOLLOWER, Role.CANDIDATE, Role.LEADER)
+            and self.healthy
+            and not self.maintenance
+            and not self.stopping
+        )
+
+    def next_wakeup(self, now: float) -> float:
+        """The next time a Tick may change something (the caller also ticks after every event)."""
+        times = [now + self.timing.heartbeat_interval]
+        if self._leadership:
+            times += [self._leadership.next_renew_at, self._leadership.deadline]
+        if self._candidacy:
+            times.append(self._candidacy.sent_at + self.timing.renew_deadline)
+        if self.role is Role.OBSERVING:
+            times.append(self._connected_at + self.timing.lease_duration)
+        claim_at = self._claim_time(now)
+        if claim_at is not None:
+            times.append(claim_at)
+        return max(now, min(times))
+
+    # ---- the entry point ------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        actions: list[Action] = []
+        match event:
+            case Connected(conn=conn):
+                self.conn = conn
+                self.role = Role.OBSERVING
+                self._connected_at = now
+                self._last_activity = now
+                self._vacant_since = None
+                self._candidacy = None
+            case Disconnected(reason=reason):
+                self._drop_leadership(now, f"disconnected: {reason}", actions)
+                self._candidacy = None
+                self.role = Role.DISCONNECTED
+            case RecordReceived(record=record, retained=retained):
+                self._on_record(record, retained, now, actions)
+            case HeartbeatReceived(heartbeat=hb):
+                self._on_heartbeat(hb, now, actions)
+            case HealthChanged(healthy=healthy, detail=detail):
+                was = self.healthy
+                self.healthy = healthy
+                self.health_detail = detail
+                if was and not healthy:
+                    actions.append(Fault(detail or "health check failed"))
+                    self._step_down(now, f"unhealthy: {detail}", None, actions)
+            case MaintenanceChanged(on=on):
+                self.maintenance = on
+                if on:
+                    self._step_down(now, "maintenance", None, actions)
+            case StepDown(reason=reason, successor=successor, final=final):
+                if final:
+                    self.stopping = True
+                self._step_down(now, reason, successor, actions)
+                if not final:
+                    self._holdoff_until = now + self.timing.lease_duration
+            case Tick():
+                pass
+        self._advance(now, actions)
+        return actions
+
+    # ---- the stream -----------------------------------------------------------------------------
+
+    def _accept(self, rec: LeaseRecord) -> str | None:
+        """Apply the stream rules; return None if accepted, or why the record is ignored."""
+        lease = self.lease
+        if rec.kind == "claim":
+            assert rec.prev_term is not None and rec.prev_seq is not None
+            if lease is not None and (rec.prev_term, rec.prev_seq) < lease.position:
+                return "claim names an outdated position"
+            self.lease = Lease(rec.term, 0, rec.holder, rec.incarnation, rec.conn)
+            return None
+        if lease is None or rec.term > lease.term:
+            self.lease = Lease(
+                rec.term, rec.seq, rec.holder, rec.incarnation, rec.conn,
+                released=rec.kind == "release", successor=rec.successor,
+            )
+            return None
+        if rec.term < lease.term:
+            return "older term"
+        if rec.holder != lease.holder:
+            return "not the holder of this term"
+        if lease.released:
+            return "term already released"
+        if rec.seq <= lease.seq:
+            return "older or repeated seq"
+        self.lease = replace(
+            lease, seq=rec.seq, incarnation=rec.incarnation, conn=rec.conn,
+            released=rec.kind == "release", successor=rec.successor,
+        )
+        return None
+
+    def _on_record(self, rec: LeaseRecord, retained: bool, now: float, actions: list[Action]) -> None:
+        if self.role is Role.DISCONNECTED:
+            return
+        if not retained:
+            self._last_activity = now
+        why = self._accept(rec)
+        if why is not None:
+            actions.append(Ignored(rec, why))
+            if self._candidacy and rec.holder == self.node_id and rec.kind == "claim" and (
+                rec.term == self._candidacy.term and rec.conn == self.conn
+            ):
+                self._candidacy = None
+                self.role = Role.FOLLOWER
+            return
+        lease = self.lease
+        assert lease is not None
+        # A retained record says nothing about *when* the lease was released: only a live release
+        # opens the fast path; a retained one waits for the silence rule like anything else.
+        self._vacant_since = now if lease.released and not retained else None
+        mine = rec.holder == self.node_id and rec.incarnation == self.incarnation and rec.conn == self.conn
+
+        if self._leadership and (lease.term != self._leadership.term or (lease.released and not mine)):
+            self._drop_leadership(now, f"deposed by {lease.holder} in term {lease.term}", actions)
+
+        if rec.kind == "claim":
+            if mine and self._candidacy and self._candidacy.term == rec.term:
+                self._win(now, actions)
+            elif self._candidacy:
+                self._candidacy = None  # someone else's claim came first
+                if self.role is Role.CANDIDATE:
+                    self.role = Role.FOLLOWER
+            elif mine:
+                # Our claim won after we had given up on it: free the term at once.
+                actions.append(Publish(self._record("release", rec.term, 1), retain=True))
+        elif rec.kind == "renew" and mine and self._leadership and rec.term == self._leadership.term:
+            sent = self._leadership.sent_at.pop(rec.seq, None)
+            if sent is not None:
+                self._leadership.deadline = max(self._leadership.deadline, sent + self.timing.renew_deadline)
+                for old in [s for s in self._leadership.sent_at if s < rec.seq]:
+                    del self._leadership.sent_at[old]
+        elif rec.kind == "renew" and not retained and self.role is Role.OBSERVING:
+            self.role = Role.FOLLOWER  # a live, valid renewal: there is a leader, observation done
+
+    def _on_heartbeat(self, hb: Heartbeat, now: float, actions: list[Action]) -> None:
+        if hb.node == self.node_id:
+            if not hb.online and (hb.incarnation, hb.conn) != (self.incarnation, self.conn):
+                actions.append(RepublishHeartbeat(f"stale will of connection {hb.incarnation}:{hb.conn}"))
+            elif not hb.online and self.role is not Role.DISCONNECTED:
+                # The broker has declared our current connection dead.
+                self._drop_leadership(now, "broker published our will", actions)
+            return
+        peer = self.peers.get(hb.node)
+        eligible_since = peer.eligible_since if peer else None
+        if hb.online and hb.eligible:
+            eligible_since = eligible_since if eligible_since is not None else now
+        else:
+            eligible_since = None
+        self.peers[hb.node] = Peer(hb, now, eligible_since)
+        lease = self.lease
+        if (
+            not hb.online
+            and self.timing.will_fast_path
+            and lease is not None
+            and not lease.released
+            and lease.holder == hb.node
+            and (lease.incarnation, lease.conn) == (hb.incarnation, hb.conn)
+            and self._vacant_since is None
+        ):
+            self._vacant_since = now
+
+    # ---- decisions ------------------------------------------------------------------------------
+
+    def _advance(self, now: float, actions: list[Action]) -> None:
+        if self.role is Role.DISCONNECTED:
+            return
+        if self.role is Role.OBSERVING and now >= self._connected_at + self.timing.lease_duration:
+            self.role = Role.FOLLOWER
+        lead = self._leadership
+        if lead is not None:
+            if now >= lead.deadline:
+                self._drop_leadership(now, "renew deadline passed without an echoed renewal", actions)
+            else:
+                successor = self._preemptor(now)
+                if successor is not None:
+                    self._step_down(now, f"preempted by {successor}", successor, actions)
+                elif now >= lead.next_renew_at:
+                    lead.seq += 1
+                    lead.sent_at[lead.seq] = now
+                    lead.next_renew_at = now + self.timing.renew_interval
+                    actions.append(Publish(self._record("renew", lead.term, lead.seq), retain=True))
+        cand = self._candidacy
+        if cand is not None and now >= cand.sent_at + self.timing.renew_deadline:
+            self._candidacy = None
+            self.role = Role.FOLLOWER
+            self._last_activity = max(self._last_activity, now)
+        claim_at = self._claim_time(now)
+        if claim_at is not None and now >= claim_at:
+            self._claim(now, actions)
+
+    def _claim_time(self, now: float) -> float | None:
+        """When this node may claim, or None if it may not (yet) claim at all."""
+        if self._leadership or self._candidacy or not self.eligible(now):
+            return None
+        lease = self.lease
+        t = self.timing
+        successor_of_release = (
+            lease is not None and lease.released and lease.successor == self.node_id
+            and self._vacant_since is not None
+        )
+        if successor_of_release:
+            assert self._vacant_since is not None
+            return self._vacant_since
+        if self.role is not Role.FOLLOWER or now < self._holdoff_until:
+            return None
+        if self._behind_a_peer(now):
+            return None
+        silence_end = self._last_activity + t.lease_duration
+        start = silence_end
+        if self._vacant_since is not None and not (lease is not None and lease.successor):
+            start = min(start, max(self._vacant_since, self._connected_at + t.lease_duration))
+        return start + self._rank(now) * t.claim_stagger
+
+    def _behind_a_peer(self, now: float) -> bool:
+        mine = self.lease.position if self.lease else (-1, -1)
+        for peer in self._fresh_peers(now):
+            view = peer.heartbeat.view
+            if view is not None and (view.term, view.seq) > mine:
+                return True
+        return False
+
+    def _fresh_peers(self, now: float) -> Iterable[Peer]:
+        horizon = now - self.timing.lease_duration
+        return (p for p in self.peers.values() if p.heartbeat.online and p.received_at >= horizon)
+
+    def _rank(self, now: float) -> int:
+        holder = self.lease.holder if self.lease else None
+        me = (-self.priority, self.node_id)
+        return sum(
+            1
+            for p in self._fresh_peers(now)
+            if p.heartbeat.eligible and p.heartbeat.node != holder
+            and (-p.heartbeat.priority, p.heartbeat.node) < me
+        )
+
+    def _best_successor(self, now: float) -> str | None:
+        candidates = [
+            p.heartbeat for p in self._fresh_peers(now)
+            if p.heartbeat.eligible and p.heartbeat.node != self.node_id
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda hb: (-hb.priority, hb.node)).node
+
+    def _preemptor(self, now: float) -> str | None:
+        best: Heartbeat | None = None
+        for p in self._fresh_peers(now):
+            hb = p.heartbeat
+            if (
+                hb.preempt and hb.eligible and hb.priority > self.priority
+                and p.eligible_since is not None
+                and now - p.eligible_since >= self.timing.preempt_delay
+                and (best is None or (-hb.priority, hb.node) < (-best.priority, best.node))
+            ):
+                best = hb
+        return best.node if best else None
+
+    def _claim(self, now: float, actions: list[Action]) -> None:
+        lease = self.lease
+        prev = lease.position if lease else (0, 0)
+        self._candidacy = _Candidacy(term=prev[0] + 1, sent_at=now)
+        self.role = Role.CANDIDATE
+        actions.append(
+            Publish(self._record("claim", prev[0] + 1, 0, prev=prev), retain=False)
+        )
+
+    def _win(self, now: float, actions: list[Action]) -> None:
+        cand = self._candidacy
+        assert cand is not None
+        self._candidacy = None
+        deadline = cand.sent_at + self.timing.renew_deadline
+        if now >= deadline:
+            self.role = Role.FOLLOWER
+            actions.append(Publish(self._record("release", cand.term, 1), retain=True))
+            return
+        self._leadership = _Leadership(term=cand.term, seq=0, deadline=deadline, next_renew_at=now)
+        self.role = Role.LEADER
+        actions.append(Promoted(cand.term, deadline))
+
+    def _drop_leadership(self, now: float, reason: str, actions: list[Action]) -> _Leadership | None:
+        lead = self._leadership
+        if lead is None:
+            return None
+        self._leadership = None
+        if self.role is Role.LEADER:
+            self.role = Role.FOLLOWER
+        self._last_activity = max(self._last_activity, now)
+        actions.append(Demoted(lead.term, reason, acting_until=min(now, lead.deadline)))
+        return lead
+
+    def _step_down(self, now: float, reason: str, successor: str | None, actions: list[Action]) -> None:
+        if self._candidacy is not None:
+            # A claim in flight may still win; _on_record releases a won term we no longer want.
+            self._candidacy = None
+            self.role = Role.FOLLOWER
+        if self._leadership is None or not self.is_leader(now):
+            self._drop_leadership(now, reason, actions)
+            return
+        if successor is None or successor == self.node_id:
+            successor = self._best_successor(now)
+        lead = self._drop_leadership(now, reason, actions)
+        assert lead is not None
+        release = self._record("release", lead.term, lead.seq + 1, successor=successor)
+        actions.append(Publish(release, retain=True, after_hooks=True))
+
+    def _record(
+        self,
+        kind: str,
+        term: int,
+        seq: int,
+        *,
+        prev: tuple[int, int] | None = None,
+        successor: str | None = None,
+    ) -> LeaseRecord:
+        return LeaseRecord.model_validate(
+            {
+                "kind": kind,
+                "term": term,
+                "seq": seq,
+                "holder": self.node_id,
+                "incarnation": self.incarnation,
+                "conn": self.conn,
+                "prev_term": prev[0] if prev else None,
+                "prev_seq": prev[1] if prev else None,
+                "successor": successor,
+                "priority": self.priority,
+                "lease_ms": int(self.timing.lease_duration * 1000),
+                "sent_at": 0.0,
+            }
+        )

@@ -1,0 +1,139 @@
+"""The messages hasync agents exchange, as strict pydantic models.
+
+Every message is JSON with a version field ``v``. Models are frozen and forbid extra fields: a message
+that does not validate is logged, counted and dropped by the caller, never half-applied.
+docs/protocol.md is the human-readable form of this module.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD_BYTES = 16 * 1024
+
+NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Term = Annotated[int, Field(ge=0, le=2**53)]
+Seq = Annotated[int, Field(ge=0, le=2**53)]
+
+Role = Literal["primary", "standby", "candidate", "observing", "fault", "offline"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    v: Literal[1] = 1
+
+    def to_payload(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class LeaseRecord(Message):
+    """One record on the cluster's lease topic: a claim opening a term, a renewal, or a release.
+
+    Claims are published without the retain flag, renewals and releases with it, so the retained
+    lease is always a record its holder published while it believed itself primary.
+    """
+
+    kind: Literal["claim", "renew", "release"]
+    term: Term
+    seq: Seq
+    holder: NodeId
+    incarnation: Annotated[str, Field(min_length=1, max_length=64)]
+    conn: Annotated[int, Field(ge=0)]
+    prev_term: Term | None = None
+    prev_seq: Seq | None = None
+    successor: NodeId | None = None
+    priority: int = 0
+    lease_ms: Annotated[int, Field(gt=0)]
+    sent_at: float  # wall clock, informational only: never used to judge expiry
+
+    @model_validator(mode="after")
+    def _shape(self) -> LeaseRecord:
+        if self.kind == "claim":
+            if self.prev_term is None or self.prev_seq is None:
+                raise ValueError("a claim names the record it follows (prev_term, prev_seq)")
+            if self.term != self.prev_term + 1:
+                raise ValueError("a claim opens the term after prev_term")
+            if self.seq != 0:
+                raise ValueError("a claim has seq 0")
+        else:
+            if self.prev_term is not None or self.prev_seq is not None:
+                raise ValueError(f"a {self.kind} carries no prev_term/prev_seq")
+            if self.seq < 1:
+                raise ValueError(f"a {self.kind} has seq >= 1")
+        if self.successor is not None and self.kind != "release":
+            raise ValueError("only a release names a successor")
+        return self
+
+
+class View(BaseModel):
+    """The newest lease record a node has accepted: its position in the lease stream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    term: Term
+    seq: Seq
+
+
+class Heartbeat(Message):
+    """A node's retained status; its Last Will is the same message with ``online`` false."""
+
+    node: NodeId
+    incarnation: Annotated[str, Field(min_length=1, max_length=64)]
+    conn: Annotated[int, Field(ge=0)]
+    online: bool
+    role: Role
+    view: View | None = None
+    leader: NodeId | None = None
+    priority: int = 0
+    preempt: bool = True
+    healthy: bool = False
+    eligible: bool = False
+    maintenance: bool = False
+    checks: dict[str, bool] = Field(default_factory=dict)
+    agent_version: str = ""
+    sent_at: float = 0.0
+
+
+class LeaderAnnouncement(Message):
+    """Retained on the leader topic for other tools: who is primary, for which term."""
+
+    leader: NodeId | None
+    term: Term
+    sent_at: float
+
+
+class Command(Message):
+    """A request to one node: hand leadership over (optionally to a named node)."""
+
+    command: Literal["step_down"]
+    successor: NodeId | None = None
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid message; ``reason`` is a short label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+M = TypeVar("M", bound="Message")
+
+
+def parse(model: type[M], payload: bytes) -> M:
+    """Validate a payload as ``model``; raise MessageError with a metrics label otherwise."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MessageError("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(err["loc"] == ("v",) for err in errors):
+            raise MessageError("wrong_version", str(errors[0].get("input"))) from exc
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise MessageError("invalid", f"{where}: {first['msg']}") from exc

@@ -1,0 +1,92 @@
+"""The MQTT topic layout, built and parsed in this one place.
+
+Everything lives under ``{prefix}/{cluster}/``::
+
+    lease                   lease records (claims, renewals, releases): the election stream
+    leader                  retained LeaderAnnouncement for other tools
+    nodes/{node}            retained Heartbeat; the node's Last Will is published here
+    nodes/{node}/command    Command addressed to one node
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$")
+
+
+class TopicKind(Enum):
+    LEASE = "lease"
+    LEADER = "leader"
+    HEARTBEAT = "heartbeat"
+    COMMAND = "command"
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    kind: TopicKind
+    node: str | None = None
+
+
+def validate_segment(value: str, what: str) -> str:
+    if not _SEGMENT.match(value):
+        raise ValueError(f"{what} {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+def validate_prefix(value: str) -> str:
+    if not _PREFIX.match(value):
+        raise ValueError(f"topic prefix {value!r} must be 1-4 '/'-separated segments of A-Z, a-z, 0-9, '_', '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    cluster: str
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.prefix)
+        validate_segment(self.cluster, "cluster name")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.cluster}"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.base}/lease"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.base}/leader"
+
+    @property
+    def all_heartbeats(self) -> str:
+        return f"{self.base}/nodes/+"
+
+    def heartbeat(self, node: str) -> str:
+        return f"{self.base}/nodes/{validate_segment(node, 'node id')}"
+
+    def command(self, node: str) -> str:
+        return f"{self.base}/nodes/{validate_segment(node, 'node id')}/command"
+
+    def parse(self, topic: str) -> ParsedTopic | None:
+        """The kind of a topic under this cluster, or None for anything else."""
+        head = self.base + "/"
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head):].split("/")
+        match rest:
+            case ["lease"]:
+                return ParsedTopic(TopicKind.LEASE)
+            case ["leader"]:
+                return ParsedTopic(TopicKind.LEADER)
+            case ["nodes", node] if _SEGMENT.match(node):
+                return ParsedTopic(TopicKind.HEARTBEAT, node)
+            case ["nodes", node, "command"] if _SEGMENT.match(node):
+                return ParsedTopic(TopicKind.COMMAND, node)
+        return None
