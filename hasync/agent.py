@@ -1,0 +1,465 @@
+"""The agent: drives the pure election from MQTT, timers, health checks and signals.
+
+``Agent(config).run()`` runs until ``stop()``; then it hands leadership over gracefully, publishes its
+own offline status and disconnects. One supervisor TaskGroup holds the named tasks:
+``hasync[node].connection`` (connect, subscribe, receive; reconnect with backoff and jitter) and
+``hasync[node].ticker`` (election timers and heartbeats). The election is only ever touched from the
+event loop's thread, through ``_feed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from . import __version__
+from .config import AgentConfig
+from .election import (
+    Action,
+    Connected,
+    Demoted,
+    Disconnected,
+    Election,
+    Event,
+    Fault,
+    HealthChanged,
+    HeartbeatReceived,
+    Ignored,
+    MaintenanceChanged,
+    Promoted,
+    Publish,
+    RecordReceived,
+    RepublishHeartbeat,
+    Role,
+    StepDown,
+    Tick,
+)
+from .health import HealthMonitor
+from .hooks import HookResult, HookRunner
+from .http import HttpServer
+from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, parse
+from .metrics import Metrics
+from .mqtt import AuthFailure, Backoff, Incoming, MqttFailure, Session, Will, connect, wait_or
+from .topics import Topics, TopicKind
+
+logger = logging.getLogger(__name__)
+
+_ROLE_NAMES = {
+    Role.DISCONNECTED: "offline",
+    Role.OBSERVING: "observing",
+    Role.FOLLOWER: "standby",
+    Role.CANDIDATE: "candidate",
+    Role.LEADER: "primary",
+}
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.node_id = config.node_id
+        self.incarnation = secrets.token_hex(6)
+        self.topics = Topics(config.topic_prefix, config.cluster)
+        self.election = Election(
+            config.node_id,
+            self.incarnation,
+            priority=config.priority,
+            preempt=config.preempt,
+            timing=config.election.timing(),
+        )
+        self.metrics = Metrics()
+        self.http_port: int | None = None
+        self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._session: Session | None = None
+        self._hooks: HookRunner | None = None
+        self._health: HealthMonitor | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sent: dict[tuple[str, int, int], float] = {}
+        self._summary: tuple[Any, ...] = ()
+        self._next_heartbeat = 0.0
+        self._events: IO[str] | None = None
+        self._warned: set[tuple[str, str]] = set()
+        self.started = asyncio.Event()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the agent to hand over and exit (safe to call from a signal handler)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        if cfg.events_file is not None:
+            self._events = Path(cfg.events_file).open("a", buffering=1)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                self._hooks = await stack.enter_async_context(
+                    HookRunner(cfg.hooks, self._hook_env(), on_result=self._on_hook_result)
+                )
+                if cfg.http.enabled:
+                    http = await stack.enter_async_context(
+                        HttpServer(
+                            cfg.http.host, cfg.http.port, status=self.status,
+                            is_primary=self.is_primary, ready=self._ready, metrics=self._render_metrics,
+                        )
+                    )
+                    self.http_port = http.port
+                    logger.info("HTTP endpoints on http://%s:%d (/healthz /role /metrics)", http.host, http.port)
+                if cfg.maintenance:
+                    self._feed(MaintenanceChanged(on=True))
+                self._health = await stack.enter_async_context(
+                    HealthMonitor(cfg.health_checks, on_change=self._on_health)
+                )
+                if not cfg.health_checks:
+                    self._feed(HealthChanged(True, "no health checks configured"))
+                async with asyncio.TaskGroup() as tg:
+                    node = self.node_id
+                    conn = tg.create_task(self._connection_loop(), name=f"hasync[{node}].connection")
+                    tick = tg.create_task(self._ticker(), name=f"hasync[{node}].ticker")
+                    self.started.set()
+                    await self._stop.wait()
+                    await self._shutdown()
+                    conn.cancel()
+                    tick.cancel()
+                    for task in list(self._tasks):
+                        task.cancel()
+        finally:
+            if self._events is not None:
+                self._events.close()
+
+    async def _shutdown(self) -> None:
+        logger.info("stopping: handing leadership over if held")
+        pending = self._execute(self.election.handle(StepDown("shutdown", final=True), self.clock()))
+        session = self._session
+        with contextlib.suppress(TimeoutError, MqttFailure):
+            async with asyncio.timeout(self.config.hooks.timeout + 5):
+                for record in pending:
+                    await self._release_after_hooks(record, direct=True)
+            if session is not None:
+                async with asyncio.timeout(2):
+                    await session.publish(
+                        self.topics.heartbeat(self.node_id),
+                        self._heartbeat(online=False).to_payload(), retain=True,
+                    )
+
+    # ---- connection ---------------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        cfg = self.config.broker
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
+        conn = 0
+        failures = 0
+        while True:
+            conn += 1
+            will = Will(self.topics.heartbeat(self.node_id), self._heartbeat(online=False, conn=conn).to_payload())
+            client_id = f"hasync-{self.node_id}-{self.incarnation}-{conn}"
+            connected_at: float | None = None
+            permanent = False
+            reason = "connection closed"
+            try:
+                async with connect(cfg, client_id, will) as session:
+                    connected_at = self.clock()
+                    await self._session_main(session, conn, failures)
+                    failures = 0
+            except AuthFailure as exc:
+                permanent = True
+                reason = str(exc)
+                self.metrics.connect_failures.labels("auth").inc()
+                self._log_failure(failures, "broker %s refused our credentials (%s); retrying every %.0f s",
+                                  cfg.redacted_url(), exc, cfg.reconnect_max, level=logging.ERROR)
+            except MqttFailure as exc:
+                reason = str(exc)
+                self.metrics.connect_failures.labels("connection").inc()
+                self._log_failure(failures, "broker %s: %s", cfg.redacted_url(), exc)
+            finally:
+                self._session = None
+                self.metrics.connected.set(0)
+                if connected_at is not None:
+                    self._feed(Disconnected(reason))
+            failures += 1
+            if connected_at is not None and self.clock() - connected_at > 10:
+                backoff.reset()
+                failures = 1
+            await asyncio.sleep(backoff.next_delay(permanent=permanent))
+
+    def _log_failure(self, failures: int, msg: str, *args: Any, level: int = logging.WARNING) -> None:
+        logger.log(level if failures <= 1 else logging.DEBUG, msg, *args)
+
+    async def _session_main(self, session: Session, conn: int, failures: int) -> None:
+        while not self._outbox.empty():  # records of an older connection must never go out
+            self._outbox.get_nowait()
+        self._session = session
+        self._feed(Connected(conn))
+        t = self.topics
+        await session.subscribe(t.lease, t.all_heartbeats, t.command(self.node_id))
+        self.metrics.connected.set(1)
+        self.metrics.connects.inc()
+        self._publish_heartbeat()
+        logger.log(logging.INFO if failures == 0 else logging.WARNING,
+                   "connected to %s as %s (connection %d%s)", self.config.broker.redacted_url(),
+                   self.node_id, conn, f", after {failures} failed attempts" if failures else "")
+        sender = asyncio.create_task(self._sender(session), name=f"hasync[{self.node_id}].sender")
+        try:
+            async for message in session.messages():
+                self._on_message(message)
+                if sender.done():
+                    break
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        if sender.done() and not sender.cancelled() and sender.exception() is not None:
+            raise sender.exception()  # type: ignore[misc]
+        raise MqttFailure("message stream ended")
+
+    async def _sender(self, session: Session) -> None:
+        while True:
+            topic, payload, retain = await self._outbox.get()
+            await session.publish(topic, payload, retain=retain)
+
+    # ---- the election -------------------------------------------------------------------------
+
+    def _feed(self, event: Event) -> None:
+        self._execute(self.election.handle(event, self.clock()))
+        summary = (
+            self.election.role, self.election.leader, self.election.term,
+            self.election.eligible(self.clock()), self.election.healthy, self.election.maintenance,
+        )
+        if summary != self._summary:
+            self._summary = summary
+            self.metrics.set_role(self._role_name())
+            self.metrics.term.set(self.election.term)
+            if self._session is not None:
+                self._publish_heartbeat()
+        self._wake.set()
+
+    def _execute(self, actions: list[Action]) -> list[LeaseRecord]:
+        """Carry the actions out; returns releases that must wait for hooks (already scheduled)."""
+        deferred: list[LeaseRecord] = []
+        for action in actions:
+            match action:
+                case Publish(record=record, retain=retain, after_hooks=False):
+                    self._publish_record(record, retain)
+                case Publish(record=record, after_hooks=True):
+                    deferred.append(record)
+                    if not self._stop.is_set():
+                        self._spawn(self._release_after_hooks(record), "release")
+                case Promoted(term=term, deadline=deadline):
+                    logger.warning("PRIMARY for term %d", term)
+                    self.metrics.promotions.inc()
+                    self.metrics.is_primary.set(1)
+                    self._record_event("promote", term=term, deadline=deadline)
+                    self._submit_hook("promote", term, "elected")
+                    self._outbox.put_nowait((self.topics.leader, LeaderAnnouncement(
+                        leader=self.node_id, term=term, sent_at=time.time()).to_payload(), True))
+                case Demoted(term=term, reason=reason, acting_until=until):
+                    logger.warning("no longer primary (term %d): %s", term, reason)
+                    self.metrics.demotions.labels(reason.split(":")[0][:40]).inc()
+                    self.metrics.is_primary.set(0)
+                    self._record_event("demote", term=term, reason=reason, acting_until=until)
+                    self._submit_hook("demote", term, reason)
+                case Fault(reason=reason):
+                    logger.warning("fault: %s", reason)
+                    self._record_event("fault", reason=reason)
+                    self._submit_hook("fault", self.election.term, reason)
+                case Ignored(record=record, reason=reason):
+                    self.metrics.ignored.labels(reason).inc()
+                    logger.debug("ignored %s %d/%d from %s: %s", record.kind, record.term, record.seq,
+                                 record.holder, reason)
+                case RepublishHeartbeat(reason=reason):
+                    logger.info("republishing our status: %s", reason)
+                    self._publish_heartbeat()
+        return deferred
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            coro, name=f"hasync[{self.node_id}].{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _release_after_hooks(self, record: LeaseRecord, *, direct: bool = False) -> None:
+        if self._hooks is not None:
+            await self._hooks.drain()
+        announcement = LeaderAnnouncement(leader=None, term=record.term, sent_at=time.time())
+        stamped = record.model_copy(update={"sent_at": time.time()})
+        logger.info("releasing term %d%s", record.term,
+                    f" to {record.successor}" if record.successor else "")
+        if direct and self._session is not None:
+            await self._session.publish(self.topics.leader, announcement.to_payload(), retain=True)
+            await self._session.publish(self.topics.lease, stamped.to_payload(), retain=True)
+        else:
+            self._outbox.put_nowait((self.topics.leader, announcement.to_payload(), True))
+            self._outbox.put_nowait((self.topics.lease, stamped.to_payload(), True))
+
+    def _publish_record(self, record: LeaseRecord, retain: bool) -> None:
+        stamped = record.model_copy(update={"sent_at": time.time()})
+        self._sent[(record.kind, record.term, record.seq)] = self.clock()
+        if len(self._sent) > 64:
+            for key in list(self._sent)[:32]:
+                del self._sent[key]
+        self._outbox.put_nowait((self.topics.lease, stamped.to_payload(), retain))
+
+    async def _ticker(self) -> None:
+        while True:
+            self._feed(Tick())
+            now = self.clock()
+            if now >= self._next_heartbeat and self._session is not None:
+                self._publish_heartbeat()
+            wake_at = min(self.election.next_wakeup(now), self._next_heartbeat)
+            self._wake.clear()
+            await wait_or(self._wake, max(0.0, wake_at - self.clock()))
+
+    # ---- incoming -----------------------------------------------------------------------------
+
+    def _on_message(self, message: Incoming) -> None:
+        parsed = self.topics.parse(message.topic)
+        if parsed is None:
+            return
+        if not message.payload:
+            return  # a retained message being cleared (e.g. a decommissioned node)
+        try:
+            match parsed.kind:
+                case TopicKind.LEASE:
+                    record = parse(LeaseRecord, message.payload)
+                    self._observe_echo(record)
+                    self._feed(RecordReceived(record, retained=message.retain))
+                case TopicKind.HEARTBEAT:
+                    heartbeat = parse(Heartbeat, message.payload)
+                    if heartbeat.node != parsed.node:
+                        raise MessageError("node_mismatch", f"{heartbeat.node} on {parsed.node}'s topic")
+                    self._feed(HeartbeatReceived(heartbeat))
+                case TopicKind.COMMAND:
+                    command = parse(Command, message.payload)
+                    if message.retain:
+                        raise MessageError("retained_command", "commands must not be retained")
+                    logger.info("command %s received", command.command)
+                    self._feed(StepDown("step-down requested", successor=command.successor))
+                case TopicKind.LEADER:
+                    pass
+        except MessageError as exc:
+            self.metrics.dropped.labels(parsed.kind.value, exc.reason).inc()
+            key = (parsed.kind.value, exc.reason)
+            level = logging.DEBUG if key in self._warned else logging.WARNING
+            self._warned.add(key)
+            logger.log(level, "dropped a message on %s: %s", message.topic, exc)
+
+    def _observe_echo(self, record: LeaseRecord) -> None:
+        if record.holder == self.node_id and record.incarnation == self.incarnation:
+            sent = self._sent.pop((record.kind, record.term, record.seq), None)
+            if sent is not None:
+                self.metrics.echo.observe(self.clock() - sent)
+
+    def _on_health(self, healthy: bool, detail: str) -> None:
+        self._feed(HealthChanged(healthy, detail))
+
+    def _on_hook_result(self, result: HookResult) -> None:
+        self.metrics.hooks.labels(result.event, "ok" if result.ok else "failed").inc()
+        if not result.ok:
+            self._record_event("hook_failed", hook=result.event, error=result.error or "")
+
+    # ---- outgoing -----------------------------------------------------------------------------
+
+    def _role_name(self) -> str:
+        e = self.election
+        if e.role is Role.LEADER and not e.is_leader(self.clock()):
+            return "standby"
+        name = _ROLE_NAMES[e.role]
+        if name in ("standby", "observing") and (not e.healthy or e.maintenance):
+            return "fault" if not e.healthy else name
+        return name
+
+    def _heartbeat(self, *, online: bool, conn: int | None = None) -> Heartbeat:
+        e = self.election
+        now = self.clock()
+        return Heartbeat(
+            node=self.node_id,
+            incarnation=self.incarnation,
+            conn=e.conn if conn is None else conn,
+            online=online,
+            role=self._role_name() if online else "offline",  # type: ignore[arg-type]
+            view=e.view(),
+            leader=e.leader,
+            priority=e.priority,
+            preempt=e.preempt,
+            healthy=e.healthy,
+            eligible=online and e.eligible(now),
+            maintenance=e.maintenance,
+            checks=self._health.states() if self._health else {},
+            agent_version=__version__,
+            sent_at=time.time(),
+        )
+
+    def _publish_heartbeat(self) -> None:
+        self._next_heartbeat = self.clock() + self.config.election.heartbeat_interval
+        heartbeat = self._heartbeat(online=True)
+        for name, up in heartbeat.checks.items():
+            self.metrics.check_up.labels(name).set(1 if up else 0)
+        self.metrics.healthy.set(1 if heartbeat.healthy else 0)
+        self._outbox.put_nowait((self.topics.heartbeat(self.node_id), heartbeat.to_payload(), True))
+
+    def _submit_hook(self, event: str, term: int, reason: str) -> None:
+        if self._hooks is None:
+            return
+        env = {
+            "HASYNC_ROLE": "primary" if event == "promote" else ("fault" if event == "fault" else "standby"),
+            "HASYNC_TERM": str(term),
+            "HASYNC_LEADER": self.election.leader or "",
+            "HASYNC_REASON": reason,
+        }
+        self._hooks.submit(event, env)  # type: ignore[arg-type]
+
+    def _hook_env(self) -> dict[str, str]:
+        return {"HASYNC_NODE": self.node_id, "HASYNC_CLUSTER": self.config.cluster}
+
+    def _record_event(self, event: str, **fields: Any) -> None:
+        if self._events is None:
+            return
+        entry = {"t": self.clock(), "wall": time.time(), "node": self.node_id,
+                 "incarnation": self.incarnation, "event": event, **fields}
+        self._events.write(json.dumps(entry) + "\n")
+
+    # ---- queries (HTTP) -----------------------------------------------------------------------
+
+    def is_primary(self) -> bool:
+        return self.election.is_leader(self.clock())
+
+    def _ready(self) -> bool:
+        return self._session is not None
+
+    def _render_metrics(self) -> bytes:
+        self.metrics.is_primary.set(1 if self.is_primary() else 0)
+        return self.metrics.render()
+
+    def status(self) -> dict[str, Any]:
+        e = self.election
+        return {
+            "node": self.node_id,
+            "cluster": self.config.cluster,
+            "role": self._role_name(),
+            "primary": self.is_primary(),
+            "term": e.term,
+            "leader": e.leader,
+            "priority": e.priority,
+            "healthy": e.healthy,
+            "health_detail": e.health_detail,
+            "maintenance": e.maintenance,
+            "eligible": e.eligible(self.clock()),
+            "connected": self._session is not None,
+            "checks": self._health.states() if self._health else {},
+            "incarnation": self.incarnation,
+            "version": __version__,
+        }

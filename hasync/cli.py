@@ -1,0 +1,181 @@
+"""The ``hasync`` command line: a thin layer that parses into the config and calls the library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .config import AgentConfig, ConfigError, load_config
+from .logs import setup_logging
+from .mqtt import MqttFailure
+from .topics import Topics
+
+logger = logging.getLogger("hasync")
+
+
+def _load(config: Path | None, overrides: dict[tuple[str, ...], Any]) -> AgentConfig:
+    try:
+        return load_config(config, overrides=overrides)
+    except ConfigError as exc:
+        click.echo(f"hasync: {exc}", err=True)
+        sys.exit(2)
+
+
+_common = [
+    click.option("--config", "-c", "config", type=click.Path(path_type=Path), help="YAML config file."),
+    click.option("--broker", help="Broker URL, mqtt://host:port or mqtts://host:port [HASYNC_BROKER]."),
+    click.option("--cluster", help="Cluster name [HASYNC_CLUSTER]."),
+    click.option("--topic-prefix", help="Topic prefix (default hasync) [HASYNC_TOPIC_PREFIX]."),
+]
+
+
+def common(func: Any) -> Any:
+    for option in reversed(_common):
+        func = option(func)
+    return func
+
+
+@click.group()
+@click.version_option(package_name="hasync")
+def main() -> None:
+    """High availability for Home Assistant: one agent per node, leader election over MQTT."""
+
+
+@main.command()
+@common
+@click.option("--node-id", help="This node's id [HASYNC_NODE_ID]; default: the host name.")
+@click.option("--priority", type=int, help="Election priority, higher wins [HASYNC_PRIORITY].")
+@click.option("--http-port", type=int, help="Port of /healthz, /role, /metrics; 0 picks one [HASYNC_HTTP_PORT].")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="[HASYNC_LOG_FORMAT]")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), help="[HASYNC_LOG_LEVEL]")
+@click.option("--events-file", type=click.Path(path_type=Path), help="Append role changes as JSON lines.")
+def agent(
+    config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None,
+    node_id: str | None, priority: int | None, http_port: int | None, log_format: str | None,
+    log_level: str | None, events_file: Path | None,
+) -> None:
+    """Run the agent on this node."""
+    cfg = _load(config, {
+        ("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix,
+        ("node_id",): node_id, ("priority",): priority, ("http", "port"): http_port,
+        ("log", "format"): log_format, ("log", "level"): log_level, ("events_file",): events_file,
+    })
+    setup_logging(cfg.log.format, cfg.log.level)
+    from .agent import Agent
+
+    async def run() -> None:
+        node = Agent(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop)
+        logger.info("hasync agent %s starting: cluster %s, priority %d, broker %s",
+                    cfg.node_id, cfg.cluster, cfg.priority, cfg.broker.redacted_url())
+        await node.run()
+        logger.info("hasync agent %s stopped", cfg.node_id)
+
+    asyncio.run(run())
+
+
+@main.command()
+@common
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--wait", type=float, default=1.5, show_default=True, help="Seconds to collect state.")
+def status(
+    config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None,
+    as_json: bool, wait: float,
+) -> None:
+    """Show the cluster's nodes, roles and leader as seen on the broker."""
+    cfg = _load(config, {("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix})
+    from .status import snapshot
+
+    topics = Topics(cfg.topic_prefix, cfg.cluster)
+    try:
+        view = asyncio.run(snapshot(cfg.broker, topics, wait))
+    except MqttFailure as exc:
+        click.echo(f"hasync: cannot read cluster state from {cfg.broker.redacted_url()}: {exc}", err=True)
+        sys.exit(1)
+    now = time.monotonic()
+    if as_json:
+        click.echo(json.dumps(view.to_json(now), indent=2))
+        return
+    table = Table(title=f"hasync cluster {cfg.cluster!r}")
+    for column in ("node", "role", "term", "priority", "health", "heartbeat age"):
+        table.add_column(column)
+    for row in view.rows(now):
+        failing = [name for name, up in row["checks"].items() if not up]
+        health = "ok" if row["healthy"] else ("failing: " + ", ".join(failing) if failing else "not healthy")
+        if row["maintenance"]:
+            health += " (maintenance)"
+        age = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_wall_age_s']}s"
+        style = "bold green" if row["role"] == "primary" else ("red" if row["role"] in ("offline", "fault") else "")
+        table.add_row(row["node"], row["role"], str(row["term"]), str(row["priority"]), health, age, style=style)
+    console = Console()
+    console.print(table)
+    primaries = view.primaries()
+    console.print(f"primary: {', '.join(primaries) if primaries else 'none'}")
+    if not view.nodes:
+        console.print(f"no nodes seen on {cfg.broker.redacted_url()} under {topics.base}/")
+
+
+@main.command("step-down")
+@common
+@click.option("--node", required=True, help="The node to ask (normally the primary).")
+@click.option("--to", "successor", help="Preferred successor node.")
+def step_down(
+    config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None,
+    node: str, successor: str | None,
+) -> None:
+    """Ask a node to hand leadership over gracefully (for updates and maintenance)."""
+    cfg = _load(config, {("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix})
+    from .status import send_step_down
+
+    try:
+        asyncio.run(send_step_down(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, successor))
+    except (MqttFailure, ValueError) as exc:
+        click.echo(f"hasync: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"asked {node} to step down")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=1883, show_default=True)
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
+def broker(host: str, port: int, log_level: str) -> None:
+    """Run the embedded amqtt broker (development, tests, demos; use Mosquitto in production)."""
+    setup_logging("text", log_level)
+    from .broker import serve
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(host, port, stop)
+
+    asyncio.run(run())
+
+
+@main.command()
+@click.option("--duration", type=float, default=None,
+              help="Run non-interactively and exit within this many seconds (CI, first try).")
+@click.option("--nodes", type=click.IntRange(2, 5), default=3, show_default=True)
+def demo(duration: float | None, nodes: int) -> None:
+    """Embedded broker + agents: watch an election, a crash failover and a graceful handover."""
+    from .demo import run_demo
+
+    sys.exit(asyncio.run(run_demo(nodes=nodes, duration=duration)))
+
+
+if __name__ == "__main__":
+    main()

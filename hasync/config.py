@@ -1,0 +1,258 @@
+"""Agent configuration: a YAML file, overridden by ``HASYNC_*`` environment variables, then by flags.
+
+``load_config`` returns a validated ``AgentConfig`` or raises ``ConfigError`` whose message names each
+offending key and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .election import Timing
+from .health import HealthCheckConfig
+from .hooks import HooksConfig
+from .topics import validate_prefix, validate_segment
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message lists ``key: problem`` lines."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BrokerConfig(_Model):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = False
+    keepalive: Annotated[int, Field(ge=2, le=600)] = 5
+    connect_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    reconnect_min: Annotated[float, Field(gt=0, le=60)] = 0.2
+    reconnect_max: Annotated[float, Field(gt=0, le=600)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"scheme must be mqtt:// or mqtts://, not {parts.scheme or 'missing'!r}")
+        if not parts.hostname:
+            raise ValueError("the URL names no host")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from exc
+        if parts.path not in ("", "/"):
+            raise ValueError("the URL takes no path")
+        return value
+
+    @model_validator(mode="after")
+    def _files(self) -> BrokerConfig:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{key}: {path} is not a readable file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        return self
+
+    @property
+    def host(self) -> str:
+        host = urlsplit(self.url).hostname
+        assert host is not None
+        return host
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    @property
+    def credentials(self) -> tuple[str | None, str | None]:
+        """Username and password: explicit settings win over ones embedded in the URL."""
+        parts = urlsplit(self.url)
+        user = self.username or (unquote(parts.username) if parts.username else None)
+        password = self.password or (unquote(parts.password) if parts.password else None)
+        return user, password
+
+    def redacted_url(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{self.port}"
+
+
+class ElectionConfig(_Model):
+    """Seconds. The relations are what the safety argument needs (see hasync.election)."""
+
+    lease_duration: Annotated[float, Field(gt=0, le=600)] = 3.0
+    renew_deadline: Annotated[float, Field(gt=0, le=600)] = 2.0
+    renew_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
+    heartbeat_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
+    claim_stagger: Annotated[float, Field(ge=0, le=10)] = 0.15
+    preempt_delay: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    will_fast_path: bool = True
+
+    @model_validator(mode="after")
+    def _relations(self) -> ElectionConfig:
+        if not self.renew_interval < self.renew_deadline:
+            raise ValueError(
+                f"renew_interval ({self.renew_interval}) must be shorter than renew_deadline "
+                f"({self.renew_deadline}), or one late renewal demotes the primary"
+            )
+        if not self.renew_deadline * 1.2 <= self.lease_duration:
+            raise ValueError(
+                f"lease_duration ({self.lease_duration}) must be at least 1.2 x renew_deadline "
+                f"({self.renew_deadline}): the primary must stop before anyone else may start"
+            )
+        if not self.heartbeat_interval <= self.lease_duration / 2:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval}) must be at most half of "
+                f"lease_duration ({self.lease_duration})"
+            )
+        return self
+
+    def timing(self) -> Timing:
+        return Timing(**self.model_dump())
+
+
+class HttpConfig(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+
+
+class LogConfig(_Model):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def default_node_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64].strip("-")
+    return name or "node"
+
+
+class AgentConfig(_Model):
+    node_id: str = Field(default_factory=default_node_id)
+    cluster: str = "home"
+    topic_prefix: str = "hasync"
+    priority: Annotated[int, Field(ge=0, le=1000)] = 100
+    preempt: bool = True
+    maintenance: bool = False
+    broker: BrokerConfig = BrokerConfig()
+    election: ElectionConfig = ElectionConfig()
+    health_checks: list[HealthCheckConfig] = Field(default_factory=list)
+    hooks: HooksConfig = HooksConfig()
+    http: HttpConfig = HttpConfig()
+    log: LogConfig = LogConfig()
+    events_file: Path | None = None
+
+    @field_validator("node_id")
+    @classmethod
+    def _node(cls, value: str) -> str:
+        return validate_segment(value, "node id")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, value: str) -> str:
+        return validate_segment(value, "cluster name")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return validate_prefix(value)
+
+    @model_validator(mode="after")
+    def _unique_checks(self) -> AgentConfig:
+        names = [c.name for c in self.health_checks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"health check names must be unique: {', '.join(dupes)}")
+        return self
+
+
+# Environment variables and the config keys they set (flags use the same keys).
+ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "HASYNC_BROKER": ("broker", "url"),
+    "HASYNC_BROKER_USERNAME": ("broker", "username"),
+    "HASYNC_BROKER_PASSWORD": ("broker", "password"),
+    "HASYNC_CLUSTER": ("cluster",),
+    "HASYNC_NODE_ID": ("node_id",),
+    "HASYNC_PRIORITY": ("priority",),
+    "HASYNC_TOPIC_PREFIX": ("topic_prefix",),
+    "HASYNC_HTTP_HOST": ("http", "host"),
+    "HASYNC_HTTP_PORT": ("http", "port"),
+    "HASYNC_LOG_FORMAT": ("log", "format"),
+    "HASYNC_LOG_LEVEL": ("log", "level"),
+    "HASYNC_EVENTS_FILE": ("events_file",),
+}
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = {}
+            tree[key] = node
+        tree = node
+    tree[path[-1]] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> AgentConfig:
+    """File, then environment, then ``overrides`` (flags) keyed by config path."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+        tree = loaded or {}
+    for name, key in ENV_KEYS.items():
+        value = (os.environ if env is None else env).get(name)
+        if value is not None and value != "":
+            _set(tree, key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, key, value)
+    try:
+        return AgentConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{_describe(exc)}") from exc

@@ -1,0 +1,220 @@
+"""``hasync demo``: an embedded broker, a few agents as real processes, a crash and a handover.
+
+Timings come from the agents' own event logs (monotonic clock, shared by processes on one machine):
+failover is measured from the kill to the new primary's promotion, i.e. its claim seen echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .audit import overlaps, read_events, tenures
+from .broker import EmbeddedBroker
+from .config import BrokerConfig
+from .status import ClusterView, send_step_down, watch
+from .topics import Topics
+
+CLUSTER = "demo"
+
+
+@dataclass
+class DemoNode:
+    name: str
+    priority: int
+    events: Path
+    log: Path
+    process: asyncio.subprocess.Process | None = None
+
+    def read_events(self) -> list[dict[str, Any]]:
+        return read_events(self.events)
+
+
+@dataclass
+class Demo:
+    console: Console
+    live: bool
+    deadline: float
+    nodes: list[DemoNode] = field(default_factory=list)
+    results: list[tuple[str, str]] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        self.console.print(f"[bold cyan]demo[/] {text}")
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _table(view: ClusterView) -> Table:
+    table = Table(title="hasync demo cluster (live)")
+    for col in ("node", "role", "term", "priority", "healthy"):
+        table.add_column(col)
+    for row in view.rows(time.monotonic()):
+        style = "bold green" if row["role"] == "primary" else ("red" if row["role"] == "offline" else "")
+        table.add_row(row["node"], row["role"], str(row["term"]), str(row["priority"]),
+                      "yes" if row["healthy"] else "no", style=style)
+    return table
+
+
+async def _wait_for(predicate: Any, timeout: float, step: float = 0.02) -> bool:
+    async with asyncio.timeout(max(timeout, 0.0)):
+        while not predicate():
+            await asyncio.sleep(step)
+    return True
+
+
+def _promotions(nodes: list[DemoNode], after: float) -> list[dict[str, Any]]:
+    events = [e for n in nodes for e in n.read_events() if e["event"] == "promote" and e["t"] > after]
+    return sorted(events, key=lambda e: e["t"])
+
+
+def _overlaps(nodes: list[DemoNode], end: float) -> list[str]:
+    events = [e for n in nodes for e in read_events(n.events)]
+    return [f"{a.node} (term {a.term}) and {b.node} (term {b.term})" for a, b in overlaps(tenures(events, end))]
+
+
+async def run_demo(nodes: int = 3, duration: float | None = None) -> int:
+    console = Console()
+    interactive = duration is None and sys.stdout.isatty()
+    demo = Demo(console, live=interactive, deadline=time.monotonic() + (duration or 120.0))
+    with tempfile.TemporaryDirectory(prefix="hasync-demo-") as tmp:
+        async with EmbeddedBroker(host="127.0.0.1", port=0) as broker:
+            url = f"mqtt://127.0.0.1:{broker.port}"
+            demo.say(f"embedded amqtt broker on {url}")
+            demo.nodes = [
+                DemoNode(f"node-{i + 1}", 100 - 10 * i, Path(tmp) / f"node-{i + 1}.events",
+                         Path(tmp) / f"node-{i + 1}.log")
+                for i in range(nodes)
+            ]
+            try:
+                return await _scenario(demo, url)
+            finally:
+                await _stop_all(demo)
+
+
+async def _start(node: DemoNode, url: str) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with node.log.open("w") as log:
+        node.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hasync", "agent", "--broker", url, "--cluster", CLUSTER,
+            "--node-id", node.name, "--priority", str(node.priority), "--http-port", "0",
+            "--events-file", str(node.events), "--log-level", "INFO",
+            stdout=log, stderr=log, env=env,
+        )
+
+
+async def _stop_all(demo: Demo) -> None:
+    for node in demo.nodes:
+        if node.process and node.process.returncode is None:
+            node.process.send_signal(signal.SIGTERM)
+    for node in demo.nodes:
+        if node.process and node.process.returncode is None:
+            try:
+                async with asyncio.timeout(10):
+                    await node.process.wait()
+            except TimeoutError:
+                node.process.kill()
+                await node.process.wait()
+
+
+async def _scenario(demo: Demo, url: str) -> int:
+    topics = Topics("hasync", CLUSTER)
+    view = ClusterView(topics)
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch(BrokerConfig(url=url), topics, view, stop), name="demo.watch")
+    live = Live(_table(view), console=demo.console, refresh_per_second=8) if demo.live else None
+    ok = True
+    try:
+        if live:
+            live.start()
+        for node in demo.nodes:
+            await _start(node, url)
+        demo.say(f"started {len(demo.nodes)} agents (priorities "
+                 f"{', '.join(str(n.priority) for n in demo.nodes)}); each observes a full lease first")
+
+        async def refresh() -> None:
+            while True:
+                if live:
+                    live.update(_table(view))
+                await asyncio.sleep(0.125)
+
+        refresher = asyncio.create_task(refresh(), name="demo.refresh")
+        t0 = time.monotonic()
+        try:
+            await _wait_for(lambda: _promotions(demo.nodes, 0), min(20, demo.remaining()))
+        except TimeoutError:
+            demo.say("[red]no primary was elected in time[/]")
+            return 1
+        first = _promotions(demo.nodes, 0)[0]
+        leader = next(n for n in demo.nodes if n.name == first["node"])
+        demo.say(f"[green]{leader.name} is primary[/] (term {first['term']}), "
+                 f"{first['t'] - t0:.2f} s after start")
+        demo.results.append(("first election", f"{leader.name}, {first['t'] - t0:.2f} s after start"))
+
+        # Give the others a moment to see the leader, then crash it.
+        await _wait_for(lambda: len([r for r in view.rows(time.monotonic()) if r["role"] == "standby"])
+                        >= len(demo.nodes) - 1, min(10, demo.remaining()))
+        demo.say(f"[red]kill -9 {leader.name}[/] (pid {leader.process.pid if leader.process else '?'})")
+        t_kill = time.monotonic()
+        assert leader.process is not None
+        leader.process.kill()
+        await leader.process.wait()
+        try:
+            await _wait_for(lambda: _promotions(demo.nodes, t_kill), min(15, demo.remaining()))
+        except TimeoutError:
+            demo.say("[red]no failover in time[/]")
+            return 1
+        promo = _promotions(demo.nodes, t_kill)[0]
+        failover = promo["t"] - t_kill
+        demo.say(f"[green]failover: {promo['node']} is primary[/] (term {promo['term']}) "
+                 f"{failover * 1000:.0f} ms after the kill")
+        demo.results.append(("crash failover (kill -9)", f"{failover * 1000:.0f} ms -> {promo['node']}"))
+
+        new_leader = promo["node"]
+        await asyncio.sleep(0.5)  # let the dashboard show the new state before the handover
+        demo.say(f"graceful handover: asking {new_leader} to step down (as before an update)")
+        t_step = time.monotonic()
+        await send_step_down(BrokerConfig(url=url), topics, new_leader, None)
+        try:
+            await _wait_for(lambda: _promotions(demo.nodes, t_step), min(10, demo.remaining()))
+        except TimeoutError:
+            demo.say("[red]no handover in time[/]")
+            return 1
+        promo2 = _promotions(demo.nodes, t_step)[0]
+        handover = promo2["t"] - t_step
+        demo.say(f"[green]handover: {promo2['node']} is primary[/] (term {promo2['term']}) "
+                 f"{handover * 1000:.0f} ms after the request")
+        demo.results.append(("graceful handover", f"{handover * 1000:.0f} ms -> {promo2['node']}"))
+        await asyncio.sleep(0.5)
+        refresher.cancel()
+
+        overlaps = _overlaps(demo.nodes, time.monotonic())
+        demo.results.append(("two primaries at once", "never" if not overlaps else "; ".join(overlaps)))
+        ok = not overlaps
+    finally:
+        if live:
+            live.stop()
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(watcher, 3)
+    summary = Table(title="hasync demo summary")
+    summary.add_column("step")
+    summary.add_column("result")
+    for step, result in demo.results:
+        summary.add_row(step, result)
+    demo.console.print(summary)
+    if not ok:
+        demo.say("[red]FAILED[/]: agent logs are in the demo's temporary folder (removed on exit)")
+    return 0 if ok else 1

@@ -1,0 +1,61 @@
+"""The agent's HTTP endpoints: ``/healthz``, ``/role`` (200 only on the primary) and ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+
+class HttpServer:
+    """``async with HttpServer(host, port, status=..., is_primary=..., metrics=...)``; port 0 picks one."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        status: Callable[[], dict[str, Any]],
+        is_primary: Callable[[], bool],
+        ready: Callable[[], bool],
+        metrics: Callable[[], bytes],
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._status = status
+        self._is_primary = is_primary
+        self._ready = ready
+        self._metrics = metrics
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/role", self._role)
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def __aenter__(self) -> HttpServer:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+        if self.port == 0 and server is not None and server.sockets:  # type: ignore[attr-defined]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        body = self._status()
+        return web.json_response(body, status=200 if self._ready() else 503)
+
+    async def _role(self, request: web.Request) -> web.Response:
+        primary = self._is_primary()
+        body = self._status()
+        return web.json_response(body, status=200 if primary else 503)
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response

@@ -1,0 +1,39 @@
+"""Prometheus metrics of one agent, in a registry of its own (several agents can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ROLES = ("disconnected", "observing", "standby", "candidate", "primary")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.role = Gauge("hasync_role", "1 for the node's current role", ["role"], registry=r)
+        self.is_primary = Gauge("hasync_is_primary", "1 while this node acts as primary", registry=r)
+        self.term = Gauge("hasync_term", "Lease term in this node's view", registry=r)
+        self.promotions = Counter("hasync_promotions", "Times this node became primary", registry=r)
+        self.demotions = Counter("hasync_demotions", "Times this node stopped being primary", ["reason"],
+                                 registry=r)
+        self.dropped = Counter("hasync_messages_dropped", "Messages dropped as invalid",
+                               ["topic", "reason"], registry=r)
+        self.ignored = Counter("hasync_lease_records_ignored", "Valid lease records the election ignored",
+                               ["reason"], registry=r)
+        self.connected = Gauge("hasync_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.connects = Counter("hasync_mqtt_connects", "Successful broker connections", registry=r)
+        self.connect_failures = Counter("hasync_mqtt_connect_failures", "Failed or lost connections",
+                                        ["kind"], registry=r)
+        self.healthy = Gauge("hasync_healthy", "1 while all health checks pass", registry=r)
+        self.check_up = Gauge("hasync_health_check_up", "1 while the check passes", ["check"], registry=r)
+        self.hooks = Counter("hasync_hook_runs", "Role hook runs", ["event", "result"], registry=r)
+        self.echo = Histogram("hasync_renew_echo_seconds", "Time from sending a lease record to its echo",
+                              buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
+                              registry=r)
+
+    def set_role(self, role: str) -> None:
+        for name in ROLES:
+            self.role.labels(name).set(1 if name == role else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

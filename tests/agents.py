@@ -1,0 +1,199 @@
+"""hasync agents as real child processes, for integration tests.
+
+Each agent gets a generated YAML config, its own HTTP port and an events file (role changes with
+monotonic timestamps). ``Cluster`` starts several and checks the election's invariants on their logs.
+Every wait is bounded and polls for the event it waits for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from brokers import free_port
+
+from hasync.audit import decreasing_terms, overlaps, read_events, tenures, terms_with_two_winners
+
+FAST_ELECTION = {
+    "lease_duration": 1.5,
+    "renew_deadline": 1.0,
+    "renew_interval": 0.25,
+    "heartbeat_interval": 0.5,
+    "claim_stagger": 0.1,
+    "preempt_delay": 1.0,
+}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(step)
+
+
+class AgentProcess:
+    def __init__(self, workdir: Path, node: str, broker_url: str, prefix: str, **settings: Any) -> None:
+        self.node = node
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.events_path = workdir / f"{node}.events"
+        self.log_path = workdir / f"{node}.log"
+        self.config_path = workdir / f"{node}.yaml"
+        self.http_port = free_port()
+        config: dict[str, Any] = {
+            "node_id": node,
+            "cluster": "test",
+            "topic_prefix": prefix,
+            "broker": {"url": broker_url, "keepalive": 2, "reconnect_min": 0.05, "reconnect_max": 0.5},
+            "election": dict(FAST_ELECTION),
+            "http": {"port": self.http_port},
+            "log": {"level": "DEBUG"},
+            "events_file": str(self.events_path),
+        }
+        for key, value in settings.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hasync", "agent", "--config", str(self.config_path)],
+            stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def kill(self) -> float:
+        """SIGKILL; returns the monotonic time of the kill."""
+        t = time.monotonic()
+        self.signal(signal.SIGKILL)
+        assert self.process is not None
+        self.process.wait(10)
+        return t
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        return self.process.returncode
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.events_path)
+
+    def promotions(self, after: float = 0.0) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["event"] == "promote" and e["t"] > after]
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.http("/healthz")[1])
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples matching the labels (0 if absent)."""
+        _, text = self.http("/metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            if head.split("{")[0] != name:
+                continue
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Cluster:
+    def __init__(self, workdir: Path, broker_url: str, prefix: str) -> None:
+        self.workdir = workdir
+        self.broker_url = broker_url
+        self.prefix = prefix
+        self.agents: dict[str, AgentProcess] = {}
+
+    def add(self, node: str, **settings: Any) -> AgentProcess:
+        agent = AgentProcess(self.workdir, node, self.broker_url, self.prefix, **settings)
+        self.agents[node] = agent
+        return agent.start()
+
+    def all_events(self) -> list[dict[str, Any]]:
+        return [e for a in self.agents.values() for e in a.events()]
+
+    def leaders_since(self, after: float) -> list[dict[str, Any]]:
+        return sorted((e for a in self.agents.values() for e in a.promotions(after)), key=lambda e: e["t"])
+
+    def current_leader(self) -> str | None:
+        """The node whose latest promotion is not followed by a demotion, if exactly one."""
+        now = time.monotonic()
+        acting = [t.node for t in tenures(self.all_events(), now) if t.end >= now]
+        return acting[0] if len(acting) == 1 else None
+
+    def wait_for_leader(self, timeout: float = 10, after: float = 0.0, exclude: str | None = None) -> str:
+        def found() -> str | None:
+            leaders = [e for e in self.leaders_since(after) if e["node"] != exclude]
+            return leaders[0]["node"] if leaders else None
+
+        node: str = wait_until(found, timeout, f"a new primary (after t={after:.2f})")
+        return node
+
+    def check_invariants(self) -> None:
+        events = self.all_events()
+        now = time.monotonic()
+        both = overlaps(tenures(events, now))
+        assert not both, f"two primaries at once: {both}"
+        assert not terms_with_two_winners(events), terms_with_two_winners(events)
+        assert not decreasing_terms(events), decreasing_terms(events)
+
+    def stop_all(self) -> None:
+        for agent in self.agents.values():
+            if agent.alive:
+                agent.terminate()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {n}\n{a.log()[-6000:]}" for n, a in self.agents.items())
