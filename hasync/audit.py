@@ -7,7 +7,7 @@ so logs of several agents can be compared directly (the demo, the tests and the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,11 @@ class Tenure:
     end: float
 
 
-def tenures(events: Iterable[dict[str, Any]], end: float) -> list[Tenure]:
-    """A node still primary at the end of its log is taken to act until ``end`` (or its deadline)."""
+def tenures(
+    events: Iterable[dict[str, Any]], end: float, deaths: Mapping[str, float] | None = None
+) -> list[Tenure]:
+    """Tenures from promote/demote events. One with no demotion lasts until ``end``, or until the
+    node's death (``deaths``: node -> time it was killed) if it was promoted before that."""
     out: list[Tenure] = []
     open_: dict[str, dict[str, Any]] = {}
     for e in sorted(events, key=lambda e: e["t"]):
@@ -48,7 +51,9 @@ def tenures(events: Iterable[dict[str, Any]], end: float) -> list[Tenure]:
             start = open_.pop(key)
             out.append(Tenure(e["node"], start["term"], start["t"], e["acting_until"]))
     for start in open_.values():
-        out.append(Tenure(start["node"], start["term"], start["t"], end))
+        death = (deaths or {}).get(start["node"])
+        stop = death if death is not None and death >= start["t"] else end
+        out.append(Tenure(start["node"], start["term"], start["t"], stop))
     return sorted(out, key=lambda t: t.start)
 
 

@@ -156,11 +156,18 @@ class Cluster:
         self.broker_url = broker_url
         self.prefix = prefix
         self.agents: dict[str, AgentProcess] = {}
+        self.deaths: dict[str, float] = {}
 
     def add(self, node: str, **settings: Any) -> AgentProcess:
         agent = AgentProcess(self.workdir, node, self.broker_url, self.prefix, **settings)
         self.agents[node] = agent
         return agent.start()
+
+    def kill(self, node: str) -> float:
+        """kill -9 a node's agent; its tenure, if any, ends at that instant."""
+        t = self.agents[node].kill()
+        self.deaths[node] = t
+        return t
 
     def all_events(self) -> list[dict[str, Any]]:
         return [e for a in self.agents.values() for e in a.events()]
@@ -171,7 +178,7 @@ class Cluster:
     def current_leader(self) -> str | None:
         """The node whose latest promotion is not followed by a demotion, if exactly one."""
         now = time.monotonic()
-        acting = [t.node for t in tenures(self.all_events(), now) if t.end >= now]
+        acting = [t.node for t in tenures(self.all_events(), now, self.deaths) if t.end >= now]
         return acting[0] if len(acting) == 1 else None
 
     def wait_for_leader(self, timeout: float = 10, after: float = 0.0, exclude: str | None = None) -> str:
@@ -185,7 +192,7 @@ class Cluster:
     def check_invariants(self) -> None:
         events = self.all_events()
         now = time.monotonic()
-        both = overlaps(tenures(events, now))
+        both = overlaps(tenures(events, now, self.deaths))
         assert not both, f"two primaries at once: {both}"
         assert not terms_with_two_winners(events), terms_with_two_winners(events)
         assert not decreasing_terms(events), decreasing_terms(events)
