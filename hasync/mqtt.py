@@ -150,7 +150,7 @@ class Backoff:
     def next_delay(self, *, permanent: bool = False) -> float:
         if permanent:
             return self.maximum
-        ceiling = min(self.maximum, self.minimum * 2**self._attempt)
+        ceiling = min(self.maximum, self.minimum * 2.0**self._attempt)
         self._attempt = min(self._attempt + 1, 32)
         return self.minimum + self._rng.random() * (ceiling - self.minimum)
 

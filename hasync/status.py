@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import BrokerConfig
-from .messages import Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, parse
+from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, parse
 from .mqtt import Incoming, connect
-from .topics import Topics, TopicKind
+from .topics import TopicKind, Topics
 
 
 @dataclass
@@ -123,8 +123,6 @@ async def snapshot(broker: BrokerConfig, topics: Topics, wait: float) -> Cluster
 
 
 async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, successor: str | None) -> None:
-    from .messages import Command
-
     async with connect(broker, f"hasync-cli-{secrets.token_hex(4)}") as session:
         await session.publish(topics.command(node), Command(command="step_down", successor=successor)
                               .to_payload(), retain=False)
