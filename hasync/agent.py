@@ -133,6 +133,7 @@ class Agent:
                     tick.cancel()
                     for task in list(self._tasks):
                         task.cancel()
+                logger.debug("shutdown: tasks finished; closing health checks, HTTP and hooks")
         finally:
             if self._events is not None:
                 self._events.close()
@@ -140,17 +141,22 @@ class Agent:
     async def _shutdown(self) -> None:
         logger.info("stopping: handing leadership over if held")
         pending = self._execute(self.election.handle(StepDown("shutdown", final=True), self.clock()))
+        for record in pending:
+            await self._release_after_hooks(record, direct=True)
+        await self._publish_now(self.topics.heartbeat(self.node_id), self._heartbeat(online=False).to_payload())
+
+    async def _publish_now(self, topic: str, payload: bytes) -> None:
+        """Publish (retained) on the current connection during shutdown, waiting at most 2 s for the
+        broker's acknowledgement: a broker that does not answer must not keep the agent from exiting."""
         session = self._session
-        with contextlib.suppress(TimeoutError, MqttFailure):
-            async with asyncio.timeout(self.config.hooks.timeout + 5):
-                for record in pending:
-                    await self._release_after_hooks(record, direct=True)
-            if session is not None:
-                async with asyncio.timeout(2):
-                    await session.publish(
-                        self.topics.heartbeat(self.node_id),
-                        self._heartbeat(online=False).to_payload(), retain=True,
-                    )
+        if session is None:
+            logger.warning("not connected: could not publish on %s before exiting", topic)
+            return
+        try:
+            async with asyncio.timeout(2):
+                await session.publish(topic, payload, retain=True)
+        except (TimeoutError, MqttFailure) as exc:
+            logger.warning("publishing on %s before exiting: %s", topic, exc or "no acknowledgement in 2 s")
 
     # ---- connection ---------------------------------------------------------------------------
 
@@ -223,9 +229,29 @@ class Agent:
         raise MqttFailure("message stream ended")
 
     async def _sender(self, session: Session) -> None:
-        while True:
-            topic, payload, retain = await self._outbox.get()
-            await session.publish(topic, payload, retain=retain)
+        """Hand queued messages to the client in order, without waiting for each acknowledgement.
+
+        The protocol never relies on an acknowledgement (only an echo counts), and a broker that is
+        slow to acknowledge one message must not hold back the next renewal. The client puts packets
+        on the wire in the order publish() is called, and tasks start in the order they are created.
+        """
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def publish(topic: str, payload: bytes, retain: bool) -> None:
+            try:
+                await session.publish(topic, payload, retain=retain)
+            except MqttFailure as exc:
+                logger.debug("publish on %s not acknowledged: %s", topic, exc)
+
+        try:
+            while True:
+                topic, payload, retain = await self._outbox.get()
+                task = asyncio.create_task(publish(topic, payload, retain), name=f"hasync[{self.node_id}].publish")
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+        finally:
+            for task in inflight:
+                task.cancel()
 
     # ---- the election -------------------------------------------------------------------------
 
@@ -294,14 +320,18 @@ class Agent:
 
     async def _release_after_hooks(self, record: LeaseRecord, *, direct: bool = False) -> None:
         if self._hooks is not None:
-            await self._hooks.drain()
+            try:
+                async with asyncio.timeout(self.config.hooks.timeout + 1):
+                    await self._hooks.drain()
+            except TimeoutError:
+                logger.error("the demote hook did not finish in %.0f s; releasing anyway", self.config.hooks.timeout)
         announcement = LeaderAnnouncement(leader=None, term=record.term, sent_at=time.time())
         stamped = record.model_copy(update={"sent_at": time.time()})
         logger.info("releasing term %d%s", record.term,
                     f" to {record.successor}" if record.successor else "")
-        if direct and self._session is not None:
-            await self._session.publish(self.topics.leader, announcement.to_payload(), retain=True)
-            await self._session.publish(self.topics.lease, stamped.to_payload(), retain=True)
+        if direct:
+            await self._publish_now(self.topics.leader, announcement.to_payload())
+            await self._publish_now(self.topics.lease, stamped.to_payload())
         else:
             self._outbox.put_nowait((self.topics.leader, announcement.to_payload(), True))
             self._outbox.put_nowait((self.topics.lease, stamped.to_payload(), True))

@@ -111,10 +111,20 @@ class AgentProcess:
             try:
                 return self.process.wait(timeout)
             except subprocess.TimeoutExpired:
+                print(f"{self.node} did not exit within {timeout} s of SIGTERM; its stacks:\n{self.stacks()}")
                 self.process.kill()
                 self.process.wait()
                 raise
         return self.process.returncode
+
+    def stacks(self) -> str:
+        """Python stacks of the running agent, if py-spy is installed (for diagnosing hangs)."""
+        spy = Path(sys.executable).parent / "py-spy"
+        if not spy.exists():
+            return "(py-spy not installed)"
+        result = subprocess.run([str(spy), "dump", "--locals", "--pid", str(self.pid)], capture_output=True,
+                                text=True, timeout=30, check=False)
+        return result.stdout + result.stderr
 
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.events_path)
