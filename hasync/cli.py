@@ -154,7 +154,7 @@ def step_down(
 def broker(host: str, port: int, log_level: str) -> None:
     """Run the embedded amqtt broker (development, tests, demos; use Mosquitto in production)."""
     setup_logging("text", log_level)
-    from .broker import serve
+    from .broker import EmbeddedBrokerError, serve
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -163,7 +163,11 @@ def broker(host: str, port: int, log_level: str) -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve(host, port, stop)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except EmbeddedBrokerError as exc:
+        click.echo(f"hasync: cannot start the broker on {host}:{port}: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command()

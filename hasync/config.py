@@ -53,9 +53,11 @@ class BrokerConfig(_Model):
         if not parts.hostname:
             raise ValueError("the URL names no host")
         try:
-            parts.port  # noqa: B018 - raises ValueError for a bad port
+            port = parts.port
         except ValueError as exc:
             raise ValueError(f"bad port: {exc}") from exc
+        if port == 0:
+            raise ValueError("port 0 is not a broker port")
         if parts.path not in ("", "/"):
             raise ValueError("the URL takes no path")
         return value
@@ -95,8 +97,12 @@ class BrokerConfig(_Model):
         return user, password
 
     def redacted_url(self) -> str:
+        """The URL without credentials, for logs."""
         parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.hostname}:{self.port}"
+        host = parts.netloc.rpartition("@")[2]
+        if parts.port is None:
+            host = f"{host}:{self.port}"
+        return f"{parts.scheme}://{host}"
 
 
 class ElectionConfig(_Model):
@@ -117,7 +123,7 @@ class ElectionConfig(_Model):
                 f"renew_interval ({self.renew_interval}) must be shorter than renew_deadline "
                 f"({self.renew_deadline}), or one late renewal demotes the primary"
             )
-        if not self.renew_deadline * 1.2 <= self.lease_duration:
+        if not (self.renew_deadline * 1.2 <= self.lease_duration and self.renew_deadline < self.lease_duration):
             raise ValueError(
                 f"lease_duration ({self.lease_duration}) must be at least 1.2 x renew_deadline "
                 f"({self.renew_deadline}): the primary must stop before anyone else may start"

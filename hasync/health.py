@@ -62,7 +62,7 @@ class _CheckBase(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError(
                 f"check name {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.' or '-'"
             )

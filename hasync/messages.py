@@ -98,11 +98,17 @@ class Heartbeat(Message):
 
 
 class LeaderAnnouncement(Message):
-    """Retained on the leader topic for other tools: who is primary, for which term."""
+    """Retained on the leader topic for other tools: who is primary, for which term.
 
-    leader: NodeId | None
+    ``leader`` is null when a primary stepped down gracefully; it is always written out.
+    """
+
+    leader: NodeId | None = None
     term: Term
     sent_at: float
+
+    def to_payload(self) -> bytes:
+        return self.model_dump_json().encode()
 
 
 class Command(Message):

@@ -32,13 +32,13 @@ class ParsedTopic:
 
 
 def validate_segment(value: str, what: str) -> str:
-    if not _SEGMENT.match(value):
+    if not _SEGMENT.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
     return value
 
 
 def validate_prefix(value: str) -> str:
-    if not _PREFIX.match(value):
+    if not _PREFIX.fullmatch(value):
         raise ValueError(f"topic prefix {value!r} must be 1-4 '/'-separated segments of A-Z, a-z, 0-9, '_', '-'")
     return value
 
@@ -85,8 +85,8 @@ class Topics:
                 return ParsedTopic(TopicKind.LEASE)
             case ["leader"]:
                 return ParsedTopic(TopicKind.LEADER)
-            case ["nodes", node] if _SEGMENT.match(node):
+            case ["nodes", node] if _SEGMENT.fullmatch(node):
                 return ParsedTopic(TopicKind.HEARTBEAT, node)
-            case ["nodes", node, "command"] if _SEGMENT.match(node):
+            case ["nodes", node, "command"] if _SEGMENT.fullmatch(node):
                 return ParsedTopic(TopicKind.COMMAND, node)
         return None

@@ -138,9 +138,13 @@ class AgentProcess:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, ""  # not listening (yet, or any more)
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self.http("/healthz")[1])
+        """The agent's /healthz document; empty while it is not serving HTTP."""
+        code, body = self.http("/healthz")
+        return json.loads(body) if code else {}
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples matching the labels (0 if absent)."""
@@ -208,9 +212,16 @@ class Cluster:
         assert not decreasing_terms(events), decreasing_terms(events)
 
     def stop_all(self) -> None:
+        """SIGTERM every agent; each that does not exit in time is killed, then the first failure raised."""
+        errors: list[BaseException] = []
         for agent in self.agents.values():
             if agent.alive:
-                agent.terminate()
+                try:
+                    agent.terminate()
+                except subprocess.TimeoutExpired as exc:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def logs(self) -> str:
         return "\n".join(f"==== {n}\n{a.log()[-6000:]}" for n, a in self.agents.items())

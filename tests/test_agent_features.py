@@ -1,0 +1,164 @@
+"""Health checks, role hooks, preemption, maintenance and the demo, with agents as real processes.
+
+These run on Mosquitto only (the election paths are covered on both brokers in test_integration.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agents import FAST_ELECTION, Cluster, wait_until
+from brokers import MosquittoProcess
+
+pytestmark = pytest.mark.integration
+
+LEASE = FAST_ELECTION["lease_duration"]
+
+
+@pytest.fixture
+def cluster(mosquitto: MosquittoProcess, tmp_path: Path, topic_prefix: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "agents", mosquitto.url, topic_prefix)
+    try:
+        yield c
+        c.check_invariants()
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop_all()
+
+
+def file_check(path: Path) -> dict[str, object]:
+    """A command check that passes while ``path`` exists."""
+    return {"name": "flag", "type": "command", "command": f"test -e {path}", "interval": 0.2, "timeout": 0.2,
+            "rise": 1, "fall": 1}
+
+
+def test_unhealthy_node_never_leads_and_unhealthy_leader_hands_over(cluster: Cluster, tmp_path: Path) -> None:
+    ok1, ok2 = tmp_path / "ok1", tmp_path / "ok2"
+    ok1.touch()
+    cluster.add("n1", priority=100, health_checks=[file_check(ok1)])
+    cluster.add("n2", priority=200, health_checks=[file_check(ok2)])  # better, but unhealthy
+    assert cluster.wait_for_leader(timeout=10) == "n1"
+    assert cluster.agents["n2"].status()["healthy"] is False
+    time.sleep(LEASE)  # a full lease later, the unhealthy node still has not claimed
+    assert not cluster.agents["n2"].promotions()
+
+    ok2.touch()
+    wait_until(lambda: cluster.agents["n2"].status().get("eligible"), 5, "n2 to become eligible")
+    t0 = time.monotonic()
+    ok1.unlink()  # the leader's check fails: it hands over at once to the healthy node
+    assert cluster.wait_for_leader(timeout=5, after=t0) == "n2"
+    demote = [e for e in cluster.agents["n1"].events() if e["event"] == "demote"][-1]
+    assert demote["reason"].startswith("unhealthy")
+    assert [e for e in cluster.agents["n1"].events() if e["event"] == "fault"]
+    assert cluster.agents["n1"].metric("hasync_healthy") == 0
+
+
+def test_hooks_run_in_order_with_the_documented_environment(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "hooks.log"
+    hook = f'echo "$HASYNC_EVENT $HASYNC_ROLE $HASYNC_TERM $HASYNC_NODE $HASYNC_CLUSTER $HASYNC_LEADER" >> {out}'
+    slow_demote = f"sleep 0.3; {hook}"
+    hooks = {"promote": hook, "demote": slow_demote, "fault": hook, "timeout": 5}
+    cluster.add("n1", priority=100, hooks=hooks)
+    cluster.add("n2", priority=90, hooks=hooks)
+    leader = cluster.wait_for_leader(timeout=10)
+    wait_until(lambda: out.exists() and "promote" in out.read_text(), 5, "the promote hook")
+    assert out.read_text().split() == ["promote", "primary", "1", leader, "test", leader]
+
+    t0 = time.monotonic()
+    assert cluster.agents[leader].terminate() == 0
+    other = "n2" if leader == "n1" else "n1"
+    assert cluster.wait_for_leader(timeout=5, after=t0) == other
+    wait_until(lambda: out.read_text().count("promote") == 2, 5, "the successor's promote hook")
+    lines = out.read_text().splitlines()
+    # The old primary's (slow) demote hook finished before the successor's promote hook ran.
+    assert [line.split()[0] for line in lines] == ["promote", "demote", "promote"]
+    assert lines[1].split()[:4] == ["demote", "standby", "1", leader]
+    assert lines[2].split()[:4] == ["promote", "primary", "2", other]
+
+
+def test_failing_hook_is_reported_and_leadership_continues(cluster: Cluster) -> None:
+    cluster.add("n1", hooks={"promote": "echo broken >&2; exit 3", "timeout": 5})
+    cluster.wait_for_leader(timeout=10)
+    agent = cluster.agents["n1"]
+    wait_until(lambda: agent.metric("hasync_hook_runs_total", event="promote", result="failed") == 1, 5,
+               "the failed hook to be counted")
+    assert [e for e in agent.events() if e["event"] == "hook_failed"]
+    assert "broken" in agent.log()
+    assert agent.http("/role")[0] == 200
+
+
+def test_preemption_hands_back_to_the_better_node(cluster: Cluster) -> None:
+    cluster.add("low", priority=10)
+    assert cluster.wait_for_leader(timeout=10) == "low"
+    t0 = time.monotonic()
+    cluster.add("high", priority=200)
+    # It observes a lease, then is eligible for preempt_delay; the low one hands over gracefully.
+    assert cluster.wait_for_leader(timeout=15, after=t0) == "high"
+    demote = [e for e in cluster.agents["low"].events() if e["event"] == "demote"][-1]
+    assert demote["reason"] == "preempted by high"
+
+
+def test_no_preemption_when_the_better_node_opts_out(cluster: Cluster) -> None:
+    cluster.add("low", priority=10)
+    assert cluster.wait_for_leader(timeout=10) == "low"
+    cluster.add("high", priority=200, preempt=False)
+    wait_until(lambda: cluster.agents["high"].status().get("eligible"), 10, "the better node to be eligible")
+    time.sleep(FAST_ELECTION["preempt_delay"] + LEASE)  # longer than the preempt delay: still no takeover
+    assert cluster.current_leader() == "low"
+
+
+def test_maintenance_node_never_leads(cluster: Cluster) -> None:
+    cluster.add("maint", priority=200, maintenance=True)
+    cluster.add("ok", priority=10)
+    assert cluster.wait_for_leader(timeout=10) == "ok"
+    status = cluster.agents["maint"].status()
+    assert status["maintenance"] is True
+    assert status["eligible"] is False
+    cluster.kill("ok")
+    time.sleep(LEASE * 2)  # the only other node is in maintenance: nobody takes over
+    assert not cluster.agents["maint"].promotions()
+
+
+def test_invalid_config_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("node_id: ok\nelection:\n  lease_duration: 2.0\n  renew_deadline: 2.0\n")
+    result = subprocess.run([sys.executable, "-m", "hasync", "agent", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert "election" in result.stderr and "lease_duration" in result.stderr
+
+
+def test_unreachable_broker_is_reported_and_the_agent_keeps_trying(tmp_path: Path) -> None:
+    from brokers import free_port
+
+    port = free_port()
+    log = tmp_path / "agent.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hasync", "agent", "--broker", f"mqtt://127.0.0.1:{port}", "--node-id", "lonely",
+             "--http-port", "0"], stdout=out, stderr=out, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        wait_until(lambda: "Connection refused" in log.read_text(), 10, "the connection failure to be logged")
+        time.sleep(1)  # it keeps retrying without crashing or flooding the log at WARNING
+        assert process.poll() is None
+        assert log.read_text().count("WARNING") <= 2
+    finally:
+        process.terminate()
+        assert process.wait(15) == 0
+
+
+def test_demo_runs_non_interactively_and_exits_zero() -> None:
+    result = subprocess.run([sys.executable, "-m", "hasync", "demo", "--duration", "60"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "crash failover" in result.stdout
+    assert "graceful handover" in result.stdout
+    assert "never" in result.stdout  # two primaries at once: never
