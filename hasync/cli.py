@@ -117,11 +117,12 @@ def status(
         if row["maintenance"]:
             health += " (maintenance)"
         age = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_wall_age_s']}s"
-        style = "bold green" if row["role"] == "primary" else ("red" if row["role"] in ("offline", "fault") else "")
+        alarm = row["role"] in ("offline", "fault", "unknown")
+        style = "bold green" if row["role"] == "primary" else ("red" if alarm else "")
         table.add_row(row["node"], row["role"], str(row["term"]), str(row["priority"]), health, age, style=style)
     console = Console()
     console.print(table)
-    primaries = view.primaries()
+    primaries = view.primaries(now)
     console.print(f"primary: {', '.join(primaries) if primaries else 'none'}")
     if not view.nodes:
         console.print(f"no nodes seen on {cfg.broker.redacted_url()} under {topics.base}/")

@@ -19,6 +19,15 @@ from .topics import TopicKind, Topics
 class NodeState:
     heartbeat: Heartbeat
     received_at: float  # local monotonic
+    live: bool  # received as it was published, not only from the broker's retained store
+
+    def current(self, now: float, stale_after: float) -> bool:
+        """Whether this heartbeat describes the node now: seen live, recently.
+
+        A retained heartbeat alone proves nothing: a node that crashed on a broker that does not retain
+        wills (amqtt), or that hangs (no will at all), leaves its last "online" heartbeat behind.
+        """
+        return self.heartbeat.online and self.live and now - self.received_at <= stale_after
 
 
 @dataclass
@@ -31,6 +40,7 @@ class ClusterView:
     lease_received_at: float | None = None
     announcement: LeaderAnnouncement | None = None
     dropped: int = 0
+    stale_after: float = 3.0  # seconds without a live heartbeat before a node's state is unknown
 
     def apply(self, message: Incoming, now: float) -> None:
         parsed = self.topics.parse(message.topic)
@@ -42,7 +52,7 @@ class ClusterView:
             if parsed.kind is TopicKind.HEARTBEAT:
                 hb = parse(Heartbeat, message.payload)
                 if hb.node == parsed.node:
-                    self.nodes[hb.node] = NodeState(hb, now)
+                    self.nodes[hb.node] = NodeState(hb, now, live=not message.retain)
             elif parsed.kind is TopicKind.LEASE:
                 record = parse(LeaseRecord, message.payload)
                 if record.kind != "claim" and (
@@ -55,17 +65,20 @@ class ClusterView:
         except MessageError:
             self.dropped += 1
 
-    def primaries(self) -> list[str]:
-        return sorted(n for n, s in self.nodes.items() if s.heartbeat.online and s.heartbeat.role == "primary")
+    def primaries(self, now: float) -> list[str]:
+        return sorted(n for n, s in self.nodes.items()
+                      if s.current(now, self.stale_after) and s.heartbeat.role == "primary")
 
     def rows(self, now: float) -> list[dict[str, Any]]:
         rows = []
         for node, state in sorted(self.nodes.items()):
             hb = state.heartbeat
             age = None if not hb.online else round(now - state.received_at, 1)
+            role = hb.role if state.current(now, self.stale_after) else ("offline" if not hb.online else "unknown")
             rows.append({
                 "node": node,
-                "role": hb.role if hb.online else "offline",
+                "role": role,
+                "reported_role": hb.role,
                 "term": hb.view.term if hb.view else 0,
                 "leader": hb.leader,
                 "priority": hb.priority,
