@@ -38,3 +38,6 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     # Library chatter stays out of the operator's way unless asked for.
     for noisy in ("aiomqtt", "amqtt", "transitions", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # aiomqtt's client logger ("mqtt") reports every dropped connection at ERROR; the agent reports
+    # the same event itself, once, with its consequence. Keep paho's view for debugging only.
+    logging.getLogger("mqtt").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)

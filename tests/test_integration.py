@@ -242,3 +242,46 @@ def test_status_view_reports_offline_after_kill(cluster: Cluster, broker: Broker
     now = time.monotonic()
     assert len(view.primaries(now)) == 1 and view.primaries(now)[0] != leader
     assert view.rows(now)[0]["role"] in ("offline", "unknown")  # n1, the killed leader
+
+
+@pytest.mark.parametrize("mosquitto", [{"persistence": True, "extra_config": ["autosave_interval 3600"]}],
+                         indirect=True)
+def test_crashed_mosquitto_restoring_an_old_lease_does_not_lower_terms(
+    mosquitto: BrokerProcess, tmp_path: Path, topic_prefix: str
+) -> None:
+    cluster = Cluster(tmp_path / "agents", mosquitto.url, topic_prefix)
+    try:
+        leader = three(cluster)
+        mosquitto.restart()  # a graceful stop saves the database: it now holds this term's lease
+        cluster.wait_for_leader(timeout=15, after=time.monotonic())
+        wait_until(lambda: cluster.current_leader() == leader, 15, "the cluster to settle again")
+        # Two handovers move the cluster two terms past what the broker saved.
+        for _ in range(2):
+            current = wait_until(cluster.current_leader, 10, "an acting primary")
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-m", "hasync", "step-down", "--broker", cluster.broker_url,
+                            "--cluster", "test", "--topic-prefix", cluster.prefix, "--node", current],
+                           capture_output=True, timeout=30, check=True)
+            cluster.wait_for_leader(timeout=10, after=t0, exclude=current)
+        before = max(e["term"] for e in cluster.all_events() if e["event"] == "promote")
+        t_crash = time.monotonic()
+        mosquitto.kill()  # no save: on restart it restores the old retained lease
+        mosquitto.start()
+
+        async def retained_lease() -> ClusterView:
+            return await snapshot(BrokerConfig(url=mosquitto.url), Topics(cluster.prefix, "test"), 0.2)
+
+        restored = asyncio.run(retained_lease()).lease
+        assert restored is not None and restored.term < before, (restored, before)
+        cluster.add("n4", priority=500)  # a fresh agent whose first view is that stale lease
+        cluster.wait_for_leader(timeout=15, after=t_crash)
+        wait_until(cluster.current_leader, 15, "exactly one acting primary")
+        time.sleep(FAST_ELECTION["preempt_delay"] + LEASE)  # let n4 (best priority) take over if it will
+        after = [e for e in cluster.all_events() if e["event"] == "promote" and e["t"] > t_crash]
+        assert after and all(e["term"] > before for e in after), (before, after)
+        cluster.check_invariants()
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()
