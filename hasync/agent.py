@@ -161,10 +161,15 @@ class Agent:
     # ---- connection ---------------------------------------------------------------------------
 
     async def _connection_loop(self) -> None:
+        """Connect, run the session, and on any failure reconnect with backoff and jitter.
+
+        Logging: a lost connection is reported once; of the failed attempts that follow, the first is
+        reported at WARNING (ERROR for refused credentials) and the rest at DEBUG.
+        """
         cfg = self.config.broker
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         conn = 0
-        failures = 0
+        failures = 0  # consecutive failed attempts since the last connection that worked
         while True:
             conn += 1
             will = Will(self.topics.heartbeat(self.node_id), self._heartbeat(online=False, conn=conn).to_payload())
@@ -175,31 +180,33 @@ class Agent:
             try:
                 async with connect(cfg, client_id, will) as session:
                     connected_at = self.clock()
-                    await self._session_main(session, conn, failures)
-                    failures = 0
+                    attempts, failures = failures, 0
+                    await self._session_main(session, conn, attempts)
             except AuthFailure as exc:
                 permanent = True
                 reason = str(exc)
                 self.metrics.connect_failures.labels("auth").inc()
-                self._log_failure(failures, "broker %s refused our credentials (%s); retrying every %.0f s",
-                                  cfg.redacted_url(), exc, cfg.reconnect_max, level=logging.ERROR)
+                level = logging.ERROR if failures == 0 else logging.DEBUG
+                logger.log(level, "broker %s refused our credentials (%s); retrying every %.1f s",
+                           cfg.redacted_url(), exc, cfg.reconnect_max)
+                failures += 1
             except MqttFailure as exc:
                 reason = str(exc)
                 self.metrics.connect_failures.labels("connection").inc()
-                self._log_failure(failures, "broker %s: %s", cfg.redacted_url(), exc)
+                if connected_at is not None:
+                    logger.warning("lost the connection to %s: %s", cfg.redacted_url(), exc)
+                else:
+                    level = logging.WARNING if failures == 0 else logging.DEBUG
+                    logger.log(level, "cannot connect to %s: %s; retrying", cfg.redacted_url(), exc)
+                    failures += 1
             finally:
                 self._session = None
                 self.metrics.connected.set(0)
                 if connected_at is not None:
                     self._feed(Disconnected(reason))
-            failures += 1
             if connected_at is not None and self.clock() - connected_at > 10:
                 backoff.reset()
-                failures = 1
             await asyncio.sleep(backoff.next_delay(permanent=permanent))
-
-    def _log_failure(self, failures: int, msg: str, *args: Any, level: int = logging.WARNING) -> None:
-        logger.log(level if failures <= 1 else logging.DEBUG, msg, *args)
 
     async def _session_main(self, session: Session, conn: int, failures: int) -> None:
         while not self._outbox.empty():  # records of an older connection must never go out
