@@ -21,20 +21,26 @@ newest record it has accepted. The rules, applied to every record in stream orde
   every reader rejects it. So a term has at most one accepted claim: the first in broker order.
 * a **renewal** ``(t, s)`` is accepted iff ``t`` is the view's term, its holder is the view's holder,
   the lease is not released and ``s`` is greater than the view's seq. A renewal for a term newer than
-  the view is adopted too: the reader missed the claim (it joined late).
+  the view is adopted too: the reader missed the claim (it joined late). So is a renewal of the view's
+  term by another holder while the view is only a claim and the reader has not accepted a live
+  renewal or release since it (re)connected: it may have subscribed between the winning claim and a
+  losing one, and read only the loser's.
 * a **release** is accepted like a renewal and marks the lease free, optionally naming a successor.
 * anything else is stale (an older term or seq: a replay, a rogue or late claim) and is ignored.
   Terms in a view therefore never decrease.
 
 Claims are published without the retain flag and renewals with it, so the retained record a joining
-node starts from is always one its holder published as primary.
+node starts from is always one its holder published after winning its term. A winner therefore
+becomes primary only when its first renewal has come back from the broker too: from then on the
+broker retains the term, and no node that missed the claim can open the same term again.
 
 Time
 ----
 Only local monotonic clocks are used: a record's age is judged by the local time it was *received*,
 never by comparing the sender's wall clock (the ``sent_at`` fields are for humans).
 
-* The leader acts only until ``deadline = send time of its newest echoed record + renew_deadline``.
+* The leader acts only until ``deadline = send time of its newest echoed record + renew_deadline``
+  (its claim, until the first renewal comes back).
   Every renewal that comes back extends it; if none does in time, it demotes. It checks this deadline
   (``is_leader(now)``) before anything it does as primary, so a leader that was frozen (SIGSTOP) and
   wakes up late does nothing as primary: it demotes first.
@@ -251,6 +257,7 @@ class _Leadership:
     deadline: float
     next_renew_at: float
     sent_at: dict[int, float] = field(default_factory=dict)
+    confirmed: bool = False  # one of our renewals came back: the broker retains this term
 
 
 @dataclass
@@ -291,12 +298,14 @@ class Election:
         self._holdoff_until = 0.0
         self._leadership: _Leadership | None = None
         self._candidacy: _Candidacy | None = None
+        self._synced = False  # accepted a live renewal or release since (re)connecting
 
     # ---- queries --------------------------------------------------------------------------------
 
     def is_leader(self, now: float) -> bool:
         """True only while this node may act as primary: leader and within its renew deadline."""
-        return self._leadership is not None and now < self._leadership.deadline
+        lead = self._leadership
+        return lead is not None and lead.confirmed and now < lead.deadline
 
     @property
     def term(self) -> int:
@@ -311,7 +320,8 @@ class Election:
 
     @property
     def deadline(self) -> float | None:
-        return self._leadership.deadline if self._leadership else None
+        lead = self._leadership
+        return lead.deadline if lead and lead.confirmed else None
 
     def view(self) -> View | None:
         return View(term=self.lease.term, seq=self.lease.seq) if self.lease else None
@@ -350,6 +360,7 @@ class Election:
                 self._last_activity = now
                 self._vacant_since = None
                 self._candidacy = None
+                self._synced = False
             case Disconnected(reason=reason):
                 self._drop_leadership(now, f"disconnected: {reason}", actions)
                 self._candidacy = None
@@ -400,7 +411,15 @@ class Election:
         if rec.term < lease.term:
             return "older term"
         if rec.holder != lease.holder:
-            return "not the holder of this term"
+            if lease.seq > 0 or self._synced:
+                return "not the holder of this term"
+            # Our view of this term is only a claim, read before we were in sync with the stream: we
+            # (re)connected half-way through a contest and may have missed the winning claim.
+            self.lease = Lease(
+                rec.term, rec.seq, rec.holder, rec.incarnation, rec.conn,
+                released=rec.kind == "release", successor=rec.successor,
+            )
+            return None
         if lease.released:
             return "term already released"
         if rec.seq <= lease.seq:
@@ -427,12 +446,16 @@ class Election:
             return
         lease = self.lease
         assert lease is not None
+        if rec.kind != "claim" and not retained:
+            self._synced = True  # a live renewal or release: its holder won the term we now view
         # A retained record says nothing about *when* the lease was released: only a live release
         # opens the fast path; a retained one waits for the silence rule like anything else.
         self._vacant_since = now if lease.released and not retained else None
         mine = rec.holder == self.node_id and rec.incarnation == self.incarnation and rec.conn == self.conn
 
-        if self._leadership and (lease.term != self._leadership.term or (lease.released and not mine)):
+        if self._leadership and (
+            lease.term != self._leadership.term or lease.holder != self.node_id or (lease.released and not mine)
+        ):
             self._drop_leadership(now, f"deposed by {lease.holder} in term {lease.term}", actions)
 
         if rec.kind == "claim":
@@ -446,11 +469,16 @@ class Election:
                 # Our claim won after we had given up on it: free the term at once.
                 actions.append(Publish(self._record("release", rec.term, 1), retain=True))
         elif rec.kind == "renew" and mine and self._leadership and rec.term == self._leadership.term:
-            sent = self._leadership.sent_at.pop(rec.seq, None)
+            lead = self._leadership
+            sent = lead.sent_at.pop(rec.seq, None)
             if sent is not None:
-                self._leadership.deadline = max(self._leadership.deadline, sent + self.timing.renew_deadline)
-                for old in [s for s in self._leadership.sent_at if s < rec.seq]:
-                    del self._leadership.sent_at[old]
+                lead.deadline = max(lead.deadline, sent + self.timing.renew_deadline)
+                for old in [s for s in lead.sent_at if s < rec.seq]:
+                    del lead.sent_at[old]
+                if not lead.confirmed and now < lead.deadline:
+                    lead.confirmed = True
+                    self.role = Role.LEADER
+                    actions.append(Promoted(lead.term, lead.deadline))
         elif rec.kind == "renew" and not retained and self.role is Role.OBSERVING:
             self.role = Role.FOLLOWER  # a live, valid renewal: there is a leader, observation done
 
@@ -463,11 +491,11 @@ class Election:
                 self._drop_leadership(now, "broker published our will", actions)
             return
         peer = self.peers.get(hb.node)
-        eligible_since = peer.eligible_since if peer else None
-        if hb.online and hb.eligible:
-            eligible_since = eligible_since if eligible_since is not None else now
-        else:
-            eligible_since = None
+        # Eligibility counts as continuous only while heartbeats keep coming (a frozen node's last
+        # heartbeat still says "eligible").
+        continuous = peer is not None and now - peer.received_at <= self.timing.lease_duration
+        eligible_since = peer.eligible_since if peer and continuous else None
+        eligible_since = (eligible_since if eligible_since is not None else now) if hb.online and hb.eligible else None
         self.peers[hb.node] = Peer(hb, now, eligible_since)
         lease = self.lease
         if (
@@ -493,7 +521,7 @@ class Election:
             if now >= lead.deadline:
                 self._drop_leadership(now, "renew deadline passed without an echoed renewal", actions)
             else:
-                successor = self._preemptor(now)
+                successor = self._preemptor(now) if lead.confirmed else None
                 if successor is not None:
                     self._step_down(now, f"preempted by {successor}", successor, actions)
                 elif now >= lead.next_renew_at:
@@ -555,10 +583,15 @@ class Election:
             and (-p.heartbeat.priority, p.heartbeat.node) < me
         )
 
+    def _following_me(self, hb: Heartbeat) -> bool:
+        """A peer reporting our term in its view is alive since we won and is following us; a frozen
+        node's last heartbeat still looks fresh and eligible for a while, but reports an older term."""
+        return hb.view is not None and self.lease is not None and hb.view.term >= self.lease.term
+
     def _best_successor(self, now: float) -> str | None:
         candidates = [
             p.heartbeat for p in self._fresh_peers(now)
-            if p.heartbeat.eligible and p.heartbeat.node != self.node_id
+            if p.heartbeat.eligible and p.heartbeat.node != self.node_id and self._following_me(p.heartbeat)
         ]
         if not candidates:
             return None
@@ -569,7 +602,7 @@ class Election:
         for p in self._fresh_peers(now):
             hb = p.heartbeat
             if (
-                hb.preempt and hb.eligible and hb.priority > self.priority
+                hb.preempt and hb.eligible and hb.priority > self.priority and self._following_me(hb)
                 and p.eligible_since is not None
                 and now - p.eligible_since >= self.timing.preempt_delay
                 and (best is None or (-hb.priority, hb.node) < (-best.priority, best.node))
@@ -595,19 +628,21 @@ class Election:
             self.role = Role.FOLLOWER
             actions.append(Publish(self._record("release", cand.term, 1), retain=True))
             return
+        # The claim won, but this node is not primary until its first renewal comes back: a claim is
+        # not retained, so until the broker retains a record of the term, a node that missed the claim
+        # could open the same term again. _advance publishes renewal 1 at once.
         self._leadership = _Leadership(term=cand.term, seq=0, deadline=deadline, next_renew_at=now)
-        self.role = Role.LEADER
-        actions.append(Promoted(cand.term, deadline))
 
     def _drop_leadership(self, now: float, reason: str, actions: list[Action]) -> _Leadership | None:
         lead = self._leadership
         if lead is None:
             return None
         self._leadership = None
-        if self.role is Role.LEADER:
+        if self.role in (Role.LEADER, Role.CANDIDATE):
             self.role = Role.FOLLOWER
         self._last_activity = max(self._last_activity, now)
-        actions.append(Demoted(lead.term, reason, acting_until=min(now, lead.deadline)))
+        if lead.confirmed:
+            actions.append(Demoted(lead.term, reason, acting_until=min(now, lead.deadline)))
         return lead
 
     def _step_down(self, now: float, reason: str, successor: str | None, actions: list[Action]) -> None:
