@@ -145,16 +145,16 @@ class Agent:
             await self._release_after_hooks(record, direct=True)
         await self._publish_now(self.topics.heartbeat(self.node_id), self._heartbeat(online=False).to_payload())
 
-    async def _publish_now(self, topic: str, payload: bytes) -> None:
-        """Publish (retained) on the current connection during shutdown, waiting at most 2 s for the
-        broker's acknowledgement: a broker that does not answer must not keep the agent from exiting."""
+    async def _publish_now(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
+        """Publish on the current connection during shutdown, waiting at most 2 s for the broker's
+        acknowledgement: a broker that does not answer must not keep the agent from exiting."""
         session = self._session
         if session is None:
             logger.warning("not connected: could not publish on %s before exiting", topic)
             return
         try:
             async with asyncio.timeout(2):
-                await session.publish(topic, payload, retain=True)
+                await session.publish(topic, payload, retain=retain)
         except (TimeoutError, MqttFailure) as exc:
             logger.warning("publishing on %s before exiting: %s", topic, exc or "no acknowledgement in 2 s")
 
@@ -336,12 +336,13 @@ class Agent:
         stamped = record.model_copy(update={"sent_at": time.time()})
         logger.info("releasing term %d%s", record.term,
                     f" to {record.successor}" if record.successor else "")
+        # Neither is retained: a late one must not overwrite what a newer primary retained meanwhile.
         if direct:
-            await self._publish_now(self.topics.leader, announcement.to_payload())
-            await self._publish_now(self.topics.lease, stamped.to_payload())
+            await self._publish_now(self.topics.leader, announcement.to_payload(), retain=False)
+            await self._publish_now(self.topics.lease, stamped.to_payload(), retain=False)
         else:
-            self._outbox.put_nowait((self.topics.leader, announcement.to_payload(), True))
-            self._outbox.put_nowait((self.topics.lease, stamped.to_payload(), True))
+            self._outbox.put_nowait((self.topics.leader, announcement.to_payload(), False))
+            self._outbox.put_nowait((self.topics.lease, stamped.to_payload(), False))
 
     def _publish_record(self, record: LeaseRecord, retain: bool) -> None:
         stamped = record.model_copy(update={"sent_at": time.time()})

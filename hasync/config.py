@@ -186,6 +186,18 @@ class AgentConfig(_Model):
         return validate_prefix(value)
 
     @model_validator(mode="after")
+    def _will_after_deadline(self) -> AgentConfig:
+        # Mosquitto publishes a silent client's will 1.5 x keepalive after its last packet; with the
+        # will fast path on, that must be after the hung primary's renew deadline has passed.
+        if self.election.will_fast_path and 1.5 * self.broker.keepalive < self.election.renew_deadline:
+            raise ValueError(
+                f"broker.keepalive ({self.broker.keepalive}) x 1.5 must be at least election.renew_deadline "
+                f"({self.election.renew_deadline}) while election.will_fast_path is on: a hung primary's will "
+                "must not arrive before it has stopped acting"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _unique_checks(self) -> AgentConfig:
         names = [c.name for c in self.health_checks]
         dupes = sorted({n for n in names if names.count(n) > 1})

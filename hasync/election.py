@@ -29,8 +29,9 @@ newest record it has accepted. The rules, applied to every record in stream orde
 * anything else is stale (an older term or seq: a replay, a rogue or late claim) and is ignored.
   Terms in a view therefore never decrease.
 
-Claims are published without the retain flag and renewals with it, so the retained record a joining
-node starts from is always one its holder published after winning its term. A winner therefore
+Only renewals are published with the retain flag (claims and releases are not), so the retained record
+a joining node starts from is always one its holder published after winning its term, and a release
+that arrives late (slow demote hooks) cannot replace a newer term's renewal there. A winner therefore
 becomes primary only when its first renewal has come back from the broker too: from then on the
 broker retains the term, and no node that missed the claim can open the same term again.
 
@@ -51,8 +52,9 @@ never by comparing the sender's wall clock (the ``sent_at`` fields are for human
   two clocks' rates differ by less than ``lease_duration / renew_deadline``.
 * Start-up and reconnect count as activity: a node observes for a full lease before it may claim, so
   a stale retained lease (a restarted broker can restore an old one) never leads to a claim by itself.
-  A node also refuses to claim while a fresh heartbeat of an online peer reports a newer view than
-  its own (it joined from a stale retained record and must learn the current term first).
+  A claim names the newest position the claimant knows: its own view, or a newer one that a fresh
+  heartbeat of an online peer reports (a node that joined from a stale retained record is behind the
+  peers that stayed; claiming from the position they hold makes every reader judge the claim alike).
 
 Fast paths
 ----------
@@ -467,7 +469,7 @@ class Election:
                     self.role = Role.FOLLOWER
             elif mine:
                 # Our claim won after we had given up on it: free the term at once.
-                actions.append(Publish(self._record("release", rec.term, 1), retain=True))
+                actions.append(Publish(self._record("release", rec.term, 1), retain=False))
         elif rec.kind == "renew" and mine and self._leadership and rec.term == self._leadership.term:
             lead = self._leadership
             sent = lead.sent_at.pop(rec.seq, None)
@@ -553,21 +555,26 @@ class Election:
             return self._vacant_since
         if self.role is not Role.FOLLOWER or now < self._holdoff_until:
             return None
-        if self._behind_a_peer(now):
-            return None
         silence_end = self._last_activity + t.lease_duration
         start = silence_end
         if self._vacant_since is not None and not (lease is not None and lease.successor):
             start = min(start, max(self._vacant_since, self._connected_at + t.lease_duration))
         return start + self._rank(now) * t.claim_stagger
 
-    def _behind_a_peer(self, now: float) -> bool:
-        mine = self.lease.position if self.lease else (-1, -1)
+    def _claim_position(self, now: float) -> tuple[int, int]:
+        """The position a claim follows: our view, or a newer one a fresh online peer reports.
+
+        A node that (re)joined from a stale retained record is behind the peers that stayed; claiming
+        from its own view would be judged differently by them and by itself. A reported view is a
+        position in the stream, so claiming from the newest one makes every reader judge the claim the
+        same way (and a peer further ahead rejects it, as compare-and-set should).
+        """
+        best = self.lease.position if self.lease else (0, 0)
         for peer in self._fresh_peers(now):
             view = peer.heartbeat.view
-            if view is not None and (view.term, view.seq) > mine:
-                return True
-        return False
+            if view is not None and (view.term, view.seq) > best:
+                best = (view.term, view.seq)
+        return best
 
     def _fresh_peers(self, now: float) -> Iterable[Peer]:
         horizon = now - self.timing.lease_duration
@@ -611,8 +618,7 @@ class Election:
         return best.node if best else None
 
     def _claim(self, now: float, actions: list[Action]) -> None:
-        lease = self.lease
-        prev = lease.position if lease else (0, 0)
+        prev = self._claim_position(now)
         self._candidacy = _Candidacy(term=prev[0] + 1, sent_at=now)
         self.role = Role.CANDIDATE
         actions.append(
@@ -626,7 +632,7 @@ class Election:
         deadline = cand.sent_at + self.timing.renew_deadline
         if now >= deadline:
             self.role = Role.FOLLOWER
-            actions.append(Publish(self._record("release", cand.term, 1), retain=True))
+            actions.append(Publish(self._record("release", cand.term, 1), retain=False))
             return
         # The claim won, but this node is not primary until its first renewal comes back: a claim is
         # not retained, so until the broker retains a record of the term, a node that missed the claim
@@ -658,7 +664,9 @@ class Election:
         lead = self._drop_leadership(now, reason, actions)
         assert lead is not None
         release = self._record("release", lead.term, lead.seq + 1, successor=successor)
-        actions.append(Publish(release, retain=True, after_hooks=True))
+        # Not retained: a release that arrives late (slow demote hooks) must not replace a newer term's
+        # renewal as the broker's retained lease. A node that joins after it waits for silence instead.
+        actions.append(Publish(release, retain=False, after_hooks=True))
 
     def _record(
         self,

@@ -385,13 +385,11 @@ def test_a_node_joining_between_two_claims_for_a_term_follows_the_winner() -> No
     assert e is not None and e.leader == "n0"  # check_liveness checked that every node agrees
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, see the docstring", raises=InvariantError)
 def test_a_late_release_does_not_roll_the_retained_lease_back() -> None:
     """A primary steps down and its hooks take longer than a lease: the others take over in term 2,
     then the release of term 1 arrives and, being retained, replaces term 2's renewal as the broker's
     retained lease. If every agent restarts before the next renewal overwrites it, term 2 is opened
-    and won again, though the broker never lost anything. Releases would have to be published
-    without the retain flag (the agent retains them regardless of ``Publish.retain``)."""
+    and won again, though the broker never lost anything. Releases are therefore not retained."""
     sim = Sim([Host(f"n{i}", 100, True, 1.0, 0.0, Net()) for i in range(2)],
               hook_delay=4.0, hook_delay_min=4.0, trace=True)
     sim.start("n0", 0.0)
@@ -412,12 +410,11 @@ def test_a_late_release_does_not_roll_the_retained_lease_back() -> None:
     sim.check_safety()
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, see the docstring", raises=AssertionError)
 def test_a_peer_in_maintenance_with_a_newer_view_does_not_block_the_others_forever() -> None:
     """n3 is cut off while n2 claims term 2 after n0's death; n2 dies before its first renewal, so
     only n1 (in maintenance) read the claim. n3 comes back behind n1's view and refuses to claim while
     n1's heartbeats report that newer view; n1 never claims either. No primary until n1 leaves
-    maintenance. A peer that is not eligible should not hold the others back."""
+    maintenance. A peer that is not eligible does not hold the others back."""
     sim = Sim([Host(f"n{i}", 100, True, 1.0, 0.0, Net(up_min=0.01, up_max=0.02)) for i in range(4)])
     for i in range(4):
         sim.start(f"n{i}", 0.0 if i == 0 else 0.5)
