@@ -23,13 +23,10 @@ unexpectedly is logged and counted as a failure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import math
-import os
 import re
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -39,12 +36,13 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from .process import describe_exit, kill_group
+
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _DETAIL_CHARS = 200  # of a probe's output kept in its detail (the tail: errors come last)
 _OUTPUT_BYTES = 4096  # of a command's output kept in memory while it runs
-_REAP_GRACE = 2.0  # seconds to collect a killed command's remaining output
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -199,30 +197,6 @@ async def _read_tail(stream: asyncio.StreamReader, into: bytearray) -> None:
         del into[:-_OUTPUT_BYTES]
 
 
-async def _kill_group(proc: asyncio.subprocess.Process, output: bytearray) -> None:
-    """Kill the process group led by ``proc`` and collect what is left of its output."""
-    # The group outlives its leader while any member runs, and Linux never hands out a pid that is
-    # still in use as a process group id, so this cannot hit an unrelated group.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(_REAP_GRACE):
-            await _read_tail(proc.stdout, output)
-            await proc.wait()
-    except TimeoutError:
-        logger.warning(
-            "process %d: output still open after its group was killed (a child escaped it?)", proc.pid
-        )
-
-
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-returncode).name}"
-    return f"exit {returncode}"
-
-
 async def run_command_check(check: CommandCheck) -> tuple[bool, str]:
     """Run the check's command once; ``(True, ...)`` iff it exits 0 within ``check.timeout``."""
     try:
@@ -237,21 +211,22 @@ async def run_command_check(check: CommandCheck) -> tuple[bool, str]:
         )
     except OSError as exc:
         return False, f"could not start: {exc}"
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     output = bytearray()
     try:
         async with asyncio.timeout(check.timeout):
-            await _read_tail(proc.stdout, output)
+            await _read_tail(stdout, output)
             returncode = await proc.wait()
     except TimeoutError:
-        await _kill_group(proc, output)
+        await kill_group(proc, lambda: _read_tail(stdout, output), "health check")
         text = _clip(output.decode(errors="replace"))
         return False, f"timed out after {check.timeout:g}s" + (f": {text}" if text else "")
     except asyncio.CancelledError:
-        await _kill_group(proc, output)
+        await kill_group(proc, lambda: _read_tail(stdout, output), "health check")
         raise
     text = _clip(output.decode(errors="replace"))
-    detail = _describe_exit(returncode) + (f": {text}" if text else "")
+    detail = describe_exit(returncode) + (f": {text}" if text else "")
     return returncode == 0, detail
 
 

@@ -24,12 +24,10 @@ running hook; hooks that did not get to run are reported as failed results.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +35,8 @@ from types import TracebackType
 from typing import Any, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from .process import describe_exit, kill_group
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ _EVENTS: tuple[str, ...] = get_args(HookEvent)
 MAX_LOGGED_OUTPUT = 64 * 1024  # bytes of a run's output logged; the rest is counted, not logged
 _TAIL_BYTES = 4096  # of a run's output kept for its result
 _MAX_LINE = 4096  # a longer line is logged in pieces
-_REAP_GRACE = 2.0  # seconds to collect a killed hook's remaining output
 
 
 class HooksConfig(BaseModel):
@@ -145,13 +144,6 @@ class _Output:
             return
         self._logged += len(line) + 1
         logger.info("hook %s: %s", self._event, line.decode(errors="replace").rstrip("\r"))
-
-
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-returncode).name}"
-    return f"exit status {returncode}"
 
 
 class HookRunner:
@@ -290,14 +282,15 @@ class HookRunner:
             return HookResult(
                 job.event, False, None, time.monotonic() - started, "", f"could not start: {exc}"
             )
-        assert proc.stdout is not None
+        stdout = proc.stdout
+        assert stdout is not None
         output = _Output(job.event)
         try:
             async with asyncio.timeout(timeout):
-                await output.pump(proc.stdout)
+                await output.pump(stdout)
                 returncode = await proc.wait()
         except TimeoutError:
-            await self._kill(proc, output)
+            await kill_group(proc, lambda: output.pump(stdout), f"{job.event} hook")
             output.close()
             return HookResult(
                 job.event,
@@ -308,7 +301,7 @@ class HookRunner:
                 f"timed out after {timeout:g}s; process group killed",
             )
         except asyncio.CancelledError:
-            await self._kill(proc, output)
+            await kill_group(proc, lambda: output.pump(stdout), f"{job.event} hook")
             output.close()
             job.interrupted = HookResult(
                 job.event,
@@ -327,22 +320,8 @@ class HookRunner:
             returncode,
             time.monotonic() - started,
             output.text(),
-            None if ok else _describe_exit(returncode),
+            None if ok else describe_exit(returncode),
         )
-
-    @staticmethod
-    async def _kill(proc: asyncio.subprocess.Process, output: _Output) -> None:
-        # The group outlives its leader while any member runs, and Linux never hands out a pid that is
-        # still in use as a process group id, so this cannot hit an unrelated group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.stdout is not None
-        try:
-            async with asyncio.timeout(_REAP_GRACE):
-                await output.pump(proc.stdout)
-                await proc.wait()
-        except TimeoutError:
-            logger.warning("hook process %d: output still open after its group was killed", proc.pid)
 
     @staticmethod
     def _not_run(job: _Job, error: str) -> HookResult:

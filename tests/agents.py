@@ -7,6 +7,7 @@ Every wait is bounded and polls for the event it waits for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,17 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"==== {n}\n{a.log()[-6000:]}" for n, a in self.agents.items())
+
+
+@contextlib.contextmanager
+def checked_cluster(workdir: Path, broker_url: str, prefix: str) -> Iterator[Cluster]:
+    """A cluster whose invariants are checked when the block ends, with its logs printed on failure."""
+    cluster = Cluster(workdir, broker_url, prefix)
+    try:
+        yield cluster
+        cluster.check_invariants()
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_all()

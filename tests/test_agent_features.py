@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import FAST_ELECTION, Cluster, wait_until
+from agents import FAST_ELECTION, Cluster, checked_cluster, wait_until
 from brokers import MosquittoProcess
 
 pytestmark = pytest.mark.integration
@@ -23,15 +23,8 @@ LEASE = FAST_ELECTION["lease_duration"]
 
 @pytest.fixture
 def cluster(mosquitto: MosquittoProcess, tmp_path: Path, topic_prefix: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "agents", mosquitto.url, topic_prefix)
-    try:
+    with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as c:
         yield c
-        c.check_invariants()
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop_all()
 
 
 def file_check(path: Path) -> dict[str, object]:

@@ -184,13 +184,13 @@ async def test_failure_reaches_on_result_and_the_log(caplog: pytest.LogCaptureFi
         runner.submit("fault")
         await asyncio.wait_for(runner.drain(), 3)
     (result,) = results.all
-    assert (result.event, result.ok, result.returncode, result.error) == ("fault", False, 3, "exit status 3")
+    assert (result.event, result.ok, result.returncode, result.error) == ("fault", False, 3, "exit 3")
     assert result.output_tail == "stopping ha\ndisk full\n"
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert "hook fault: stopping ha" in lines
     assert "hook fault: disk full" in lines
     (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert "exit status 3" in error
+    assert "exit 3" in error
     assert error.endswith("stopping ha\ndisk full")
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import FAST_ELECTION, Cluster, wait_until
+from agents import FAST_ELECTION, Cluster, checked_cluster, wait_until
 from brokers import BrokerProcess
 
 from hasync.config import BrokerConfig
@@ -35,15 +35,8 @@ FAILOVER_BOUND = LEASE + 2 * FAST_ELECTION["claim_stagger"] + 2.0
 
 @pytest.fixture
 def cluster(broker: BrokerProcess, tmp_path: Path, topic_prefix: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "agents", broker.url, topic_prefix)
-    try:
+    with checked_cluster(tmp_path / "agents", broker.url, topic_prefix) as c:
         yield c
-        c.check_invariants()
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop_all()
 
 
 def three(cluster: Cluster, **settings: object) -> str:
@@ -249,8 +242,7 @@ def test_status_view_reports_offline_after_kill(cluster: Cluster, broker: Broker
 def test_crashed_mosquitto_restoring_an_old_lease_does_not_lower_terms(
     mosquitto: BrokerProcess, tmp_path: Path, topic_prefix: str
 ) -> None:
-    cluster = Cluster(tmp_path / "agents", mosquitto.url, topic_prefix)
-    try:
+    with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
         leader = three(cluster)
         mosquitto.restart()  # a graceful stop saves the database: it now holds this term's lease
         cluster.wait_for_leader(timeout=15, after=time.monotonic())
@@ -279,9 +271,3 @@ def test_crashed_mosquitto_restoring_an_old_lease_does_not_lower_terms(
         time.sleep(FAST_ELECTION["preempt_delay"] + LEASE)  # let n4 (best priority) take over if it will
         after = [e for e in cluster.all_events() if e["event"] == "promote" and e["t"] > t_crash]
         assert after and all(e["term"] > before for e in after), (before, after)
-        cluster.check_invariants()
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()

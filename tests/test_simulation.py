@@ -21,6 +21,7 @@ Every run checks, in global (simulation) time:
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -545,7 +546,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# HASYNC_SIM_EXAMPLES raises the number of schedules for a longer hunt (the suite runs 200).
+@settings(max_examples=int(os.environ.get("HASYNC_SIM_EXAMPLES", "200")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_generated_schedules_keep_every_invariant(sc: Scenario) -> None:
     run(sc, trace=True)
