@@ -23,6 +23,7 @@ from . import __version__
 from .config import AgentConfig
 from .election import (
     Action,
+    ClaimUnanswered,
     Connected,
     Demoted,
     Disconnected,
@@ -309,6 +310,14 @@ class Agent:
                     self.metrics.ignored.labels(reason).inc()
                     logger.debug("ignored %s %d/%d from %s: %s", record.kind, record.term, record.seq,
                                  record.holder, reason)
+                case ClaimUnanswered(term=term):
+                    self.metrics.claims_unanswered.inc()
+                    key = ("claim", "unanswered")
+                    logger.log(logging.DEBUG if key in self._warned else logging.WARNING,
+                               "our claim for term %d did not come back from the broker within %.1f s: is its "
+                               "ACL dropping our publishes on %s?", term, self.config.election.renew_deadline,
+                               self.topics.lease)
+                    self._warned.add(key)
                 case RepublishHeartbeat(reason=reason):
                     logger.info("republishing our status: %s", reason)
                     self._publish_heartbeat()
@@ -345,6 +354,9 @@ class Agent:
             self._outbox.put_nowait((self.topics.lease, stamped.to_payload(), False))
 
     def _publish_record(self, record: LeaseRecord, retain: bool) -> None:
+        if record.kind == "claim":
+            self.metrics.claims.inc()
+            logger.info("claiming term %d", record.term)
         stamped = record.model_copy(update={"sent_at": time.time()})
         self._sent[(record.kind, record.term, record.seq)] = self.clock()
         if len(self._sent) > 64:

@@ -222,7 +222,15 @@ class RepublishHeartbeat:
     reason: str
 
 
-Action = Publish | Promoted | Demoted | Fault | Ignored | RepublishHeartbeat
+@dataclass(frozen=True)
+class ClaimUnanswered:
+    """Our claim did not come back within the renew deadline: the broker dropped it (an ACL?) or
+    the connection is stalling."""
+
+    term: int
+
+
+Action = Publish | Promoted | Demoted | Fault | Ignored | RepublishHeartbeat | ClaimUnanswered
 
 
 # ---- state --------------------------------------------------------------------------------------
@@ -536,6 +544,7 @@ class Election:
             self._candidacy = None
             self.role = Role.FOLLOWER
             self._last_activity = max(self._last_activity, now)
+            actions.append(ClaimUnanswered(cand.term))
         claim_at = self._claim_time(now)
         if claim_at is not None and now >= claim_at:
             self._claim(now, actions)

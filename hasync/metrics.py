@@ -20,6 +20,9 @@ class Metrics:
                                ["topic", "reason"], registry=r)
         self.ignored = Counter("hasync_lease_records_ignored", "Valid lease records the election ignored",
                                ["reason"], registry=r)
+        self.claims = Counter("hasync_claims", "Claims this node published", registry=r)
+        self.claims_unanswered = Counter("hasync_claims_unanswered",
+                                         "Claims that did not come back from the broker in time", registry=r)
         self.connected = Gauge("hasync_mqtt_connected", "1 while connected to the broker", registry=r)
         self.connects = Counter("hasync_mqtt_connects", "Successful broker connections", registry=r)
         self.connect_failures = Counter("hasync_mqtt_connect_failures", "Failed or lost connections",

@@ -155,3 +155,25 @@ def test_demo_runs_non_interactively_and_exits_zero() -> None:
     assert "crash failover" in result.stdout
     assert "graceful handover" in result.stdout
     assert "never" in result.stdout  # two primaries at once: never
+
+
+def test_claims_the_broker_silently_drops_never_make_a_primary(tmp_path: Path, topic_prefix: str) -> None:
+    """Mosquitto acknowledges a publish its ACL then drops: only an echo may count as acceptance."""
+    from brokers import MosquittoProcess, mosquitto_binary
+
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto is not installed")
+    acl = tmp_path / "acl"
+    # Anonymous clients may read everything and write their heartbeats, but not the lease topic.
+    acl.write_text(f"topic read #\ntopic write {topic_prefix}/test/nodes/#\n")
+    with MosquittoProcess(tmp_path / "mosquitto", binary=binary, extra_config=[f"acl_file {acl}"]) as broker, \
+            checked_cluster(tmp_path / "agents", broker.url, topic_prefix) as cluster:
+        agent = cluster.add("muted")
+        wait_until(lambda: agent.status().get("role") not in (None, "observing"), 10, "observation to end")
+        # Claim after claim is acknowledged by the broker and never delivered; the agent says so.
+        wait_until(lambda: agent.metric("hasync_claims_unanswered_total") >= 2, 15, "two unanswered claims")
+        assert agent.metric("hasync_claims_total") >= 2
+        assert "is its ACL dropping our publishes" in agent.log()
+        assert not agent.promotions()
+        assert agent.http("/role")[0] == 503

@@ -15,6 +15,7 @@ from simlib import claim as claim_
 
 from hasync.election import (
     Action,
+    ClaimUnanswered,
     Connected,
     Demoted,
     Disconnected,
@@ -142,6 +143,16 @@ def test_a_claim_becomes_leadership_only_when_its_echo_and_the_first_renewal_are
     actions = feed(e, [renewal.record], 3.4)
     assert actions == [Promoted(1, deadline=3.3 + T.renew_deadline)]
     assert e.is_leader(3.4) and role(e) is Role.LEADER and e.deadline == 3.3 + T.renew_deadline
+
+
+def test_a_claim_that_never_comes_back_is_reported_and_given_up() -> None:
+    e = node()
+    [claim] = published(e.handle(Tick(), 3.0))
+    assert e.role is Role.CANDIDATE
+    assert not [a for a in e.handle(Tick(), 3.0 + T.renew_deadline - 0.01) if isinstance(a, ClaimUnanswered)]
+    actions = e.handle(Tick(), 3.0 + T.renew_deadline)
+    assert ClaimUnanswered(claim.term) in actions
+    assert e.role is Role.FOLLOWER and not e.is_leader(3.0 + T.renew_deadline)
 
 
 def test_a_winner_whose_first_renewal_never_comes_back_never_leads() -> None:
