@@ -89,7 +89,6 @@ class Agent:
         self._next_heartbeat = 0.0
         self._events: IO[str] | None = None
         self._warned: set[tuple[str, str]] = set()
-        self.started = asyncio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -116,6 +115,9 @@ class Agent:
                     )
                     self.http_port = http.port
                     logger.info("HTTP endpoints on http://%s:%d (/healthz /role /metrics)", http.host, http.port)
+                # Like keepalived's notify_backup at start: a previous run of this agent may have been
+                # killed as primary, leaving the promote hook's effects (dnsmasq, a floating IP) behind.
+                self._submit_hook("demote", 0, "starting as standby")
                 if cfg.maintenance:
                     self._feed(MaintenanceChanged(on=True))
                 self._health = await stack.enter_async_context(
@@ -127,7 +129,6 @@ class Agent:
                     node = self.node_id
                     conn = tg.create_task(self._connection_loop(), name=f"hasync[{node}].connection")
                     tick = tg.create_task(self._ticker(), name=f"hasync[{node}].ticker")
-                    self.started.set()
                     await self._stop.wait()
                     await self._shutdown()
                     conn.cancel()
