@@ -240,3 +240,48 @@ def checked_cluster(workdir: Path, broker_url: str, prefix: str) -> Iterator[Clu
         raise
     finally:
         cluster.stop_all()
+
+
+class LeaseRecorder:
+    """Records every lease record on the broker with its local receive time (monotonic), from a paho
+    client on its own thread: the tests using it are synchronous."""
+
+    def __init__(self, broker_url: str, prefix: str, cluster: str = "test") -> None:
+        import paho.mqtt.client as paho
+
+        from hasync.config import BrokerConfig
+        from hasync.messages import LeaseRecord, MessageError, parse
+        from hasync.topics import Topics
+
+        cfg = BrokerConfig(url=broker_url)
+        self.topic = Topics(prefix, cluster).lease
+        self.records: list[tuple[float, LeaseRecord]] = []
+        self._subscribed = False
+
+        def on_connect(client: paho.Client, *_: object) -> None:
+            client.subscribe(self.topic, qos=1)
+
+        def on_subscribe(*_: object) -> None:
+            self._subscribed = True
+
+        def on_message(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+            with contextlib.suppress(MessageError):
+                self.records.append((time.monotonic(), parse(LeaseRecord, message.payload)))
+
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"recorder-{time.monotonic_ns()}")
+        self._client.on_connect = on_connect
+        self._client.on_subscribe = on_subscribe
+        self._client.on_message = on_message
+        self._client.connect(cfg.host, cfg.port)
+        self._client.loop_start()
+        wait_until(lambda: self._subscribed, 10, "the lease recorder to subscribe")
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+    def __enter__(self) -> LeaseRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -255,11 +255,14 @@ class HomeAssistant:
 
         deadline = time.monotonic() + timeout
         while True:
-            state = self.get_state(entity_id)
+            try:
+                state = self.get_state(entity_id)
+            except OSError as exc:
+                if self.running:
+                    raise
+                raise HomeAssistantError(self._failure(f"is not running; was waiting for {entity_id}")) from exc
             if predicate(state):
                 return state
-            if not self.running:
-                raise HomeAssistantError(self._failure(f"exited while waiting for {entity_id}"))
             if time.monotonic() >= deadline:
                 shown = "absent" if state is None else repr(state["state"])
                 raise TimeoutError(f"{entity_id} did not become {expected!r} within {timeout} s; it is {shown}")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import FAST_ELECTION, Cluster, checked_cluster, wait_until
+from agents import FAST_ELECTION, Cluster, LeaseRecorder, checked_cluster, wait_until
 from brokers import BrokerProcess
 
 from hasync.config import BrokerConfig
@@ -79,6 +79,8 @@ def test_sigstop_leader_steps_down_and_stays_down_on_wake(cluster: Cluster) -> N
     # Without preemption, so that the woken (highest-priority) node has no legitimate way back.
     leader = three(cluster, preempt=False)
     old = cluster.agents[leader]
+    recorder = LeaseRecorder(cluster.broker_url, cluster.prefix)
+    old_term = cluster.leaders_since(0)[-1]["term"]
     t_stop = time.monotonic()
     old.signal(signal.SIGSTOP)
     try:
@@ -88,6 +90,7 @@ def test_sigstop_leader_steps_down_and_stays_down_on_wake(cluster: Cluster) -> N
         # when it wakes; the invariant check compares it with the new tenure).
         time.sleep(0.3)  # keep it frozen a little past the new election: the interesting wake-up
     finally:
+        t_cont = time.monotonic()
         old.signal(signal.SIGCONT)
     demote = wait_until(lambda: [e for e in old.events() if e["event"] == "demote"], 10,
                         "the woken leader to record its demotion")[-1]
@@ -97,6 +100,12 @@ def test_sigstop_leader_steps_down_and_stays_down_on_wake(cluster: Cluster) -> N
     assert cluster.current_leader() == new
     assert not old.promotions(after=t_stop)
     assert old.metric("hasync_is_primary") == 0
+    # Woken, it published nothing for its stale term (a packet already in its socket buffer at the
+    # freeze may leave at the instant it wakes; nothing after that).
+    recorder.close()
+    stale = [r for t, r in recorder.records if r.holder == leader and r.term == old_term and t > t_cont + 0.2]
+    assert not stale, stale
+    assert any(r.holder == new for _, r in recorder.records)  # the recorder did see the lease stream
 
 
 def test_sigterm_hands_over_gracefully(cluster: Cluster) -> None:
