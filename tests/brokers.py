@@ -119,6 +119,15 @@ class BrokerProcess:
             process.wait()
         self._reap()
 
+    def pause(self) -> None:
+        """SIGSTOP: the broker hangs with every connection open (nothing is delivered or refused)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         """Stop gracefully and start again on the same port."""
         self.stop()

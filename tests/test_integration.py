@@ -146,6 +146,26 @@ def test_broker_restart_elects_one_leader(cluster: Cluster, broker: BrokerProces
     wait_until(cluster.current_leader, 5, "exactly one acting primary")
 
 
+def test_hung_broker_primary_stops_at_its_own_deadline(cluster: Cluster, broker: BrokerProcess) -> None:
+    """With the broker frozen, nothing arrives and nothing is refused: only the primary's own renew
+    deadline can stop it. It must, within renew_deadline of its last echoed renewal."""
+    leader = three(cluster)
+    t_pause = time.monotonic()
+    broker.pause()
+    try:
+        demote = wait_until(lambda: [e for e in cluster.agents[leader].events()
+                                     if e["event"] == "demote" and e["t"] > t_pause], DEADLINE + 3,
+                            "the primary to demote on its own")[0]
+        assert demote["reason"].startswith("renew deadline passed")
+        # Its last echo came at most a renew interval before the pause.
+        assert demote["acting_until"] <= t_pause + DEADLINE
+        assert cluster.agents[leader].http("/role")[0] == 503
+        assert not cluster.leaders_since(t_pause)  # nobody else can be elected without a broker
+    finally:
+        broker.resume()
+    cluster.wait_for_leader(timeout=LEASE * 2 + 10, after=t_pause)
+
+
 def test_replayed_old_renewal_and_rogue_old_claim_are_ignored(cluster: Cluster, broker: BrokerProcess) -> None:
     leader = three(cluster)
     agent = cluster.agents[leader]
