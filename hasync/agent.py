@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from . import __version__
 from .config import AgentConfig
+from .discovery import Discovery, primary_state
 from .election import (
     Action,
     ClaimUnanswered,
@@ -76,6 +77,11 @@ class Agent:
             timing=config.election.timing(),
         )
         self.metrics = Metrics()
+        ha = config.homeassistant
+        self.discovery = Discovery(self.topics, self.node_id, ha.discovery_prefix,
+                                   config.election.renew_deadline, __version__) if ha.discovery else None
+        self._ha_status_topic = f"{ha.discovery_prefix}/status"
+        self._next_primary_state = 0.0
         self.http_port: int | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -216,9 +222,13 @@ class Agent:
         self._session = session
         self._feed(Connected(conn))
         t = self.topics
-        await session.subscribe(t.lease, t.all_heartbeats, t.command(self.node_id))
+        topics = [t.lease, t.all_heartbeats, t.command(self.node_id)]
+        if self.discovery is not None:
+            topics.append(self._ha_status_topic)
+        await session.subscribe(*topics)
         self.metrics.connected.set(1)
         self.metrics.connects.inc()
+        self._announce_to_home_assistant()
         self._publish_heartbeat()
         logger.log(logging.INFO if failures == 0 else logging.WARNING,
                    "connected to %s as %s (connection %d%s)", self.config.broker.redacted_url(),
@@ -276,6 +286,7 @@ class Agent:
             self.metrics.term.set(self.election.term)
             if self._session is not None:
                 self._publish_heartbeat()
+                self._publish_primary_state()
         self._wake.set()
 
     def _execute(self, actions: list[Action]) -> list[LeaseRecord]:
@@ -371,13 +382,21 @@ class Agent:
             now = self.clock()
             if now >= self._next_heartbeat and self._session is not None:
                 self._publish_heartbeat()
-            wake_at = min(self.election.next_wakeup(now), self._next_heartbeat)
+            if now >= self._next_primary_state and self._session is not None:
+                self._publish_primary_state()
+            wake_at = min(self.election.next_wakeup(now), self._next_heartbeat, self._next_primary_state)
             self._wake.clear()
             await wait_or(self._wake, max(0.0, wake_at - self.clock()))
 
     # ---- incoming -----------------------------------------------------------------------------
 
     def _on_message(self, message: Incoming) -> None:
+        if message.topic == self._ha_status_topic:
+            if message.payload == b"online" and not message.retain:
+                logger.info("Home Assistant came online: publishing discovery and states again")
+                self._announce_to_home_assistant()
+                self._publish_heartbeat()
+            return
         parsed = self.topics.parse(message.topic)
         if parsed is None:
             return
@@ -398,8 +417,13 @@ class Agent:
                     command = parse(Command, message.payload)
                     if message.retain:
                         raise MessageError("retained_command", "commands must not be retained")
-                    logger.info("command %s received", command.command)
-                    self._feed(StepDown("step-down requested", successor=command.successor))
+                    logger.info("command %s%s received", command.command,
+                                "" if command.on is None else f" {'on' if command.on else 'off'}")
+                    if command.command == "maintenance":
+                        assert command.on is not None
+                        self._feed(MaintenanceChanged(on=command.on))
+                    else:
+                        self._feed(StepDown("step-down requested", successor=command.successor))
                 case TopicKind.LEADER:
                     pass
         except MessageError as exc:
@@ -454,6 +478,27 @@ class Agent:
             agent_version=__version__,
             sent_at=time.time(),
         )
+
+    def _announce_to_home_assistant(self) -> None:
+        if self.discovery is None:
+            return
+        for topic, payload in self.discovery.configs():
+            self._outbox.put_nowait((topic, payload, True))
+        self._publish_primary_state()
+
+    def _publish_primary_state(self) -> None:
+        """HA's primary sensor of this node, refreshed every renew interval: it expires in HA (and stops
+        counting as primary there) if the agent stops refreshing it. Not retained: only a live agent
+        may say a node is primary."""
+        if self.discovery is None:
+            self._next_primary_state = float("inf")
+            return
+        now = self.clock()
+        self._next_primary_state = now + self.config.election.renew_interval
+        deadline = self.election.deadline if self.is_primary() else None
+        until = time.time() + (deadline - now) if deadline is not None else 0.0
+        self._outbox.put_nowait((self.discovery.primary_state_topic(), primary_state(deadline is not None, until),
+                                 False))
 
     def _publish_heartbeat(self) -> None:
         self._next_heartbeat = self.clock() + self.config.election.heartbeat_interval

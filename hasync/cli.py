@@ -149,6 +149,27 @@ def step_down(
 
 
 @main.command()
+@common
+@click.option("--node", required=True, help="The retired node.")
+def decommission(
+    config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None, node: str,
+) -> None:
+    """Remove a retired node: its retained status and its Home Assistant device and entities.
+
+    Stop the node's agent first, or it publishes them again."""
+    cfg = _load(config, {("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix})
+    from .status import decommission as clear
+
+    topics = Topics(cfg.topic_prefix, cfg.cluster)
+    try:
+        count = asyncio.run(clear(cfg.broker, topics, node, cfg.homeassistant.discovery_prefix))
+    except (MqttFailure, ValueError) as exc:
+        click.echo(f"hasync: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"removed {node}: cleared {count} retained topics")
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=1883, show_default=True)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")

@@ -139,6 +139,16 @@ class ElectionConfig(_Model):
         return Timing(**self.model_dump())
 
 
+class HomeAssistantConfig(_Model):
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return validate_prefix(value)
+
+
 class HttpConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -166,6 +176,7 @@ class AgentConfig(_Model):
     election: ElectionConfig = ElectionConfig()
     health_checks: list[HealthCheckConfig] = Field(default_factory=list)
     hooks: HooksConfig = HooksConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
     events_file: Path | None = None
@@ -194,6 +205,18 @@ class AgentConfig(_Model):
                 f"broker.keepalive ({self.broker.keepalive}) x 1.5 must be at least election.renew_deadline "
                 f"({self.election.renew_deadline}) while election.will_fast_path is on: a hung primary's will "
                 "must not arrive before it has stopped acting"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sensor_expires_first(self) -> AgentConfig:
+        # HA's expire_after is whole seconds and must be shorter than the renew deadline, so that HA
+        # stops showing a hung primary as primary before another node can be elected.
+        if self.homeassistant.discovery and self.election.renew_deadline <= 1:
+            raise ValueError(
+                f"election.renew_deadline ({self.election.renew_deadline}) must exceed 1 s while "
+                "homeassistant.discovery is on: the primary sensor's expire_after (whole seconds) must be "
+                "shorter than it"
             )
         return self
 

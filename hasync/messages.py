@@ -112,10 +112,22 @@ class LeaderAnnouncement(Message):
 
 
 class Command(Message):
-    """A request to one node: hand leadership over (optionally to a named node)."""
+    """A request to one node: hand leadership over (optionally to a named node), or switch its
+    maintenance mode (``on``), in which it refuses leadership."""
 
-    command: Literal["step_down"]
+    command: Literal["step_down", "maintenance"]
     successor: NodeId | None = None
+    on: bool | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Command:
+        if self.command == "maintenance" and self.on is None:
+            raise ValueError("a maintenance command says on: true or false")
+        if self.command != "maintenance" and self.on is not None:
+            raise ValueError("only a maintenance command takes 'on'")
+        if self.command != "step_down" and self.successor is not None:
+            raise ValueError("only a step_down command names a successor")
+        return self
 
 
 class MessageError(ValueError):

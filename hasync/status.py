@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import __version__
 from .config import BrokerConfig
+from .discovery import Discovery
 from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, parse
 from .mqtt import Incoming, connect
 from .topics import TopicKind, Topics
@@ -139,3 +141,12 @@ async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, succes
     async with connect(broker, f"hasync-cli-{secrets.token_hex(4)}") as session:
         await session.publish(topics.command(node), Command(command="step_down", successor=successor)
                               .to_payload(), retain=False)
+
+
+async def decommission(broker: BrokerConfig, topics: Topics, node: str, discovery_prefix: str) -> int:
+    """Clear a retired node's retained status and Home Assistant entities; returns how many topics."""
+    removals = Discovery(topics, node, discovery_prefix, 2.0, __version__).removals()
+    async with connect(broker, f"hasync-cli-{secrets.token_hex(4)}") as session:
+        for topic, payload in removals:
+            await session.publish(topic, payload, retain=True)
+    return len(removals)

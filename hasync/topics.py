@@ -6,6 +6,7 @@ Everything lives under ``{prefix}/{cluster}/``::
     leader                  retained LeaderAnnouncement for other tools
     nodes/{node}            retained Heartbeat; the node's Last Will is published here
     nodes/{node}/command    Command addressed to one node
+    nodes/{node}/primary    ON/OFF for Home Assistant's primary binary sensor (see hasync.discovery)
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class Topics:
 
     def heartbeat(self, node: str) -> str:
         return f"{self.base}/nodes/{validate_segment(node, 'node id')}"
+
+    def primary_state(self, node: str) -> str:
+        """``ON``/``OFF`` for Home Assistant's primary binary sensor of ``node`` (not parsed by agents)."""
+        return f"{self.base}/nodes/{validate_segment(node, 'node id')}/primary"
 
     def command(self, node: str) -> str:
         return f"{self.base}/nodes/{validate_segment(node, 'node id')}/command"

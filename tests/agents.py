@@ -62,6 +62,8 @@ class AgentProcess:
             "broker": {"url": broker_url, "keepalive": 2, "reconnect_min": 0.05, "reconnect_max": 0.5},
             "election": dict(FAST_ELECTION),
             "http": {"port": self.http_port},
+            # The fast timings above are too short for HA's whole-second expire_after.
+            "homeassistant": {"discovery": False},
             "log": {"level": "DEBUG"},
             "events_file": str(self.events_path),
         }

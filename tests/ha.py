@@ -51,8 +51,8 @@ HA_VERSION = "2024.3.3"
 HA_VENV = Path(__file__).resolve().parent.parent / ".cache" / "ha-venv"
 HA_STAMP = HA_VENV / ".hasync-ha-installed"
 
-# A first start on a new config dir takes 10-20 s here once the requirements are pre-installed; two
-# instances starting at once on two cores take longer. Generous, since a timeout only ever fails a test.
+# With the requirements pre-installed, a start takes 1-2 s here (3 s for two at once on two cores), a new
+# config dir included; a cold disk or a slow machine take longer. Generous, as a timeout only fails a test.
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 10.0

@@ -182,3 +182,35 @@ def test_claims_the_broker_silently_drops_never_make_a_primary(tmp_path: Path, t
         assert "is its ACL dropping our publishes" in agent.log()
         assert not agent.promotions()
         assert agent.http("/role")[0] == 503
+
+
+def test_maintenance_command_hands_over_and_keeps_leadership_away(cluster: Cluster) -> None:
+    """The payloads Home Assistant's maintenance switch sends (see hasync.discovery)."""
+    import asyncio
+
+    from hasync.config import BrokerConfig
+    from hasync.messages import Command
+    from hasync.mqtt import connect
+    from hasync.topics import Topics
+
+    def send(node: str, on: bool) -> None:
+        async def go() -> None:
+            async with connect(BrokerConfig(url=cluster.broker_url), f"test-{time.monotonic_ns()}") as session:
+                await session.publish(Topics(cluster.prefix, "test").command(node),
+                                      Command(command="maintenance", on=on).to_payload(), retain=False)
+        asyncio.run(go())
+
+    cluster.add("a", priority=200)
+    cluster.add("b", priority=100)
+    cluster.wait_for_leader(timeout=10)
+    wait_until(lambda: cluster.current_leader() == "a", 10, "a (the better priority) to lead")
+    t0 = time.monotonic()
+    send("a", True)
+    assert cluster.wait_for_leader(timeout=5, after=t0, exclude="a") == "b"
+    wait_until(lambda: cluster.agents["a"].status().get("maintenance") is True, 5, "a to report maintenance")
+    time.sleep(FAST_ELECTION["preempt_delay"] + LEASE)  # a (better priority) does not preempt while in maintenance
+    assert cluster.current_leader() == "b"
+    t1 = time.monotonic()
+    send("a", False)
+    # Out of maintenance, the better node takes over again after the preempt delay.
+    assert cluster.wait_for_leader(timeout=10, after=t1) == "a"

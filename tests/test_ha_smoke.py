@@ -1,9 +1,9 @@
 """Smoke tests against a real Home Assistant (tests/ha.py): MQTT discovery, expire_after, availability,
 two instances on one broker, and an automation.
 
-HA is onboarded once per session into a template config dir; each test starts copies of it (10-20 s
-each instead of a full onboarding). Needs scripts/setup-ha.sh; without it these tests skip, or fail
-when CI is set.
+HA is onboarded once per session into a template config dir; each test starts copies of it, so the
+owner and long-lived token are created once and every test starts from the same state. Needs
+scripts/setup-ha.sh; without it these tests skip, or fail when CI is set.
 """
 
 from __future__ import annotations
