@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs everything hasync's demo and tests need on a fresh Debian machine:
-# Mosquitto from Debian's packages and a project virtual environment in .venv.
+# Installs everything hasync's demo and tests need on a fresh Debian machine: Mosquitto from
+# Debian's packages, a project virtual environment in .venv and, for the tests against a real Home
+# Assistant, Home Assistant Core in its own environment in .cache/ha-venv (skip it with HASYNC_NO_HA=1).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
+fi
+
+if [ "${HASYNC_NO_HA:-0}" != "1" ]; then
+  ./scripts/setup-ha.sh
 fi

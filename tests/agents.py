@@ -207,6 +207,12 @@ class Cluster:
         return node
 
     def check_invariants(self) -> None:
+        # An agent just woken from SIGSTOP may not have logged its (past) demotion yet; two answers
+        # from its event loop mean its timers have run since it woke.
+        for agent in self.agents.values():
+            if agent.alive:
+                agent.status()
+                agent.status()
         events = self.all_events()
         now = time.monotonic()
         both = overlaps(tenures(events, now, self.deaths))

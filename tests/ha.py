@@ -449,3 +449,7 @@ class HomeAssistant:
 
     def _failure(self, what: str) -> str:
         return f"Home Assistant {self.name!r} ({self.url}) {what}; log {self.log_path}:\n{self.log_tail()}"
+
+
+StartHA = Callable[..., list[HomeAssistant]]
+"""The ``start_ha`` fixture: ``start_ha(*names, mqtt_port=None)`` starts copies of the onboarded template."""

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Self
 
 import pytest
 from brokers import MosquittoProcess
-from ha import HA_VENV, HA_VERSION, TEST_EVENT, HomeAssistant, ha_installed
+from ha import TEST_EVENT, HomeAssistant, StartHA
 
 from hasync.config import BrokerConfig
 from hasync.mqtt import Session, connect, wait_or
@@ -30,50 +26,6 @@ EXPIRE_AFTER = 2
 DISCOVERY_TOPIC = "homeassistant/binary_sensor/hasync_smoke/primary/config"
 OBJECT_ID = "hasync_smoke_primary"
 ENTITY_ID = f"binary_sensor.{OBJECT_ID}"
-
-StartHA = Callable[..., list[HomeAssistant]]
-
-
-def _require_ha() -> None:
-    if ha_installed():
-        return
-    reason = f"Home Assistant {HA_VERSION} is not installed in {HA_VENV}; run scripts/setup-ha.sh"
-    if "CI" in os.environ:
-        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)")
-    pytest.skip(f"{reason}; under CI this fails instead")
-
-
-@pytest.fixture(scope="session")
-def ha_template(tmp_path_factory: pytest.TempPathFactory) -> HomeAssistant:
-    """A stopped, onboarded HA config dir (owner and long-lived token), to be copied by each test."""
-    _require_ha()
-    template = HomeAssistant(tmp_path_factory.mktemp("ha-template"), name="template")
-    try:
-        template.start()
-    finally:
-        template.stop()
-    print(f"\nHA template: first start with onboarding took {template.start_seconds:.1f} s")
-    return template
-
-
-@pytest.fixture
-def start_ha(ha_template: HomeAssistant, tmp_path: Path) -> Iterator[StartHA]:
-    """``start_ha(*names, mqtt_port=None)`` starts copies of the template at once; all stop afterwards."""
-    started: list[HomeAssistant] = []
-
-    def start(*names: str, mqtt_port: int | None = None) -> list[HomeAssistant]:
-        instances = [HomeAssistant.copy_of(ha_template, tmp_path / n, name=n, mqtt_port=mqtt_port) for n in names]
-        started.extend(instances)
-        with ThreadPoolExecutor(len(instances)) as pool:
-            list(pool.map(HomeAssistant.start, instances))
-        for instance in instances:
-            print(f"\nHA {instance.name}: start on a copied config took {instance.start_seconds:.1f} s")
-        return instances
-
-    yield start
-    with ThreadPoolExecutor(max(len(started), 1)) as pool:
-        list(pool.map(HomeAssistant.stop, started))
-
 
 class RepeatingPublisher:
     """Publishes one message every ``interval`` s until the block ends, as an agent renews its state.
