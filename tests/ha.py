@@ -62,6 +62,7 @@ OWNER = {"name": "hasync tests", "username": "hasync", "password": "hasync-test-
 
 # The automation the tests fire: event hasync_test_press increments counter.presses.
 TEST_EVENT = "hasync_test_press"
+GATED_EVENT = "hasync_gated_press"
 
 StatePredicate = Callable[[dict[str, Any] | None], bool]
 
@@ -116,11 +117,24 @@ def configuration(name: str, port: int) -> dict[str, Any]:
                 "action": [{"service": "counter.increment", "target": {"entity_id": "counter.presses"}}],
             }
         ],
+        # The seed's duplicated-action case: the same trigger reaches every instance; the condition
+        # lets it run only where this instance's own hasync node (named like the instance) is primary.
+        "automation gated": [
+            {
+                "id": "hasync_gated_press",
+                "alias": "Count gated presses (primary only)",
+                "trigger": [{"platform": "event", "event_type": GATED_EVENT}],
+                "condition": [{"condition": "state", "entity_id": f"binary_sensor.hasync_test_{name}_primary",
+                               "state": "on"}],
+                "action": [{"service": "counter.increment", "target": {"entity_id": "counter.gated_presses"}}],
+            }
+        ],
         "input_boolean": {"test_flag": {"name": "Test flag"}},
         "input_number": {"test_level": {"name": "Test level", "min": 0, "max": 100, "step": 1, "mode": "box"}},
         "input_select": {"test_mode": {"name": "Test mode", "options": ["day", "night", "away"]}},
         "input_text": {"test_text": {"name": "Test text", "max": 100}},
-        "counter": {"presses": {"name": "Presses", "initial": 0, "step": 1}},
+        "counter": {"presses": {"name": "Presses", "initial": 0, "step": 1},
+                    "gated_presses": {"name": "Gated presses", "initial": 0, "step": 1}},
         "logger": {
             "default": "warning",
             # Start-up time and discovered MQTT entities are worth having in a failed test's log.
