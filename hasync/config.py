@@ -142,11 +142,41 @@ class ElectionConfig(_Model):
 class HomeAssistantConfig(_Model):
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
+    url: str | None = None
+    token: str | None = None
+    managed_automations: bool = False
+    run_everywhere: list[str] = Field(default_factory=list)
 
     @field_validator("discovery_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
         return validate_prefix(value)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL of Home Assistant")
+        return value.rstrip("/")
+
+    @field_validator("run_everywhere")
+    @classmethod
+    def _automations(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not re.fullmatch(r"automation\.[a-z0-9_]+", v)]
+        if bad:
+            raise ValueError(f"not automation entity ids: {', '.join(bad)} (expected e.g. automation.water_flowers)")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> HomeAssistantConfig:
+        if (self.url is None) != (self.token is None):
+            raise ValueError("url and token go together: the agent needs both to reach Home Assistant")
+        if self.managed_automations and self.url is None:
+            raise ValueError("managed_automations needs url and token")
+        return self
 
 
 class HttpConfig(_Model):
@@ -243,6 +273,8 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "HASYNC_LOG_FORMAT": ("log", "format"),
     "HASYNC_LOG_LEVEL": ("log", "level"),
     "HASYNC_EVENTS_FILE": ("events_file",),
+    "HASYNC_HA_URL": ("homeassistant", "url"),
+    "HASYNC_HA_TOKEN": ("homeassistant", "token"),
 }
 
 
