@@ -44,6 +44,7 @@ from .election import (
     Tick,
 )
 from .health import HealthMonitor
+from .homeassistant import HomeAssistantError, HomeAssistantLink
 from .hooks import HookResult, HookRunner
 from .http import HttpServer
 from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, parse
@@ -82,6 +83,11 @@ class Agent:
                                    config.election.renew_deadline, __version__) if ha.discovery else None
         self._ha_status_topic = f"{ha.discovery_prefix}/status"
         self._next_primary_state = 0.0
+        # Health is the health checks and, when configured, the link to this node's Home Assistant.
+        self._checks_health: tuple[bool, str] | None = None if config.health_checks else (True, "")
+        self._ha: HomeAssistantLink | None = None
+        self._ha_health: tuple[bool, str] | None = None
+        self._managing: asyncio.Task[None] | None = None
         self.http_port: int | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -126,11 +132,15 @@ class Agent:
                 self._submit_hook("demote", 0, "starting as standby")
                 if cfg.maintenance:
                     self._feed(MaintenanceChanged(on=True))
+                ha = cfg.homeassistant
+                if ha.url is not None and ha.token is not None:
+                    self._ha = await stack.enter_async_context(
+                        HomeAssistantLink(ha.url, ha.token, on_change=self._on_ha_health)
+                    )
                 self._health = await stack.enter_async_context(
                     HealthMonitor(cfg.health_checks, on_change=self._on_health)
                 )
-                if not cfg.health_checks:
-                    self._feed(HealthChanged(True, "no health checks configured"))
+                self._update_health()
                 async with asyncio.TaskGroup() as tg:
                     node = self.node_id
                     conn = tg.create_task(self._connection_loop(), name=f"hasync[{node}].connection")
@@ -306,6 +316,7 @@ class Agent:
                     self.metrics.is_primary.set(1)
                     self._record_event("promote", term=term, deadline=deadline)
                     self._submit_hook("promote", term, "elected")
+                    self._manage_automations(True)
                     self._outbox.put_nowait((self.topics.leader, LeaderAnnouncement(
                         leader=self.node_id, term=term, sent_at=time.time()).to_payload(), True))
                 case Demoted(term=term, reason=reason, acting_until=until):
@@ -314,6 +325,7 @@ class Agent:
                     self.metrics.is_primary.set(0)
                     self._record_event("demote", term=term, reason=reason, acting_until=until)
                     self._submit_hook("demote", term, reason)
+                    self._manage_automations(False)
                 case Fault(reason=reason):
                     logger.warning("fault: %s", reason)
                     self._record_event("fault", reason=reason)
@@ -353,6 +365,10 @@ class Agent:
                     await self._hooks.drain()
             except TimeoutError:
                 logger.error("the demote hook did not finish in %.0f s; releasing anyway", self.config.hooks.timeout)
+        if self._managing is not None:
+            # Managed mode: this node's automations are off before the successor turns its own on.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._managing), 10)
         announcement = LeaderAnnouncement(leader=None, term=record.term, sent_at=time.time())
         stamped = record.model_copy(update={"sent_at": time.time()})
         logger.info("releasing term %d%s", record.term,
@@ -440,7 +456,59 @@ class Agent:
                 self.metrics.echo.observe(self.clock() - sent)
 
     def _on_health(self, healthy: bool, detail: str) -> None:
-        self._feed(HealthChanged(healthy, detail))
+        self._checks_health = (healthy, detail)
+        self._update_health()
+
+    def _on_ha_health(self, healthy: bool, detail: str) -> None:
+        self._ha_health = (healthy, detail)
+        self._update_health()
+        if healthy:
+            # (Re)connected: bring automations in line with the role (we may have missed a change).
+            self._manage_automations(self.is_primary())
+
+    def _update_health(self) -> None:
+        """Feed the election the combined health: every check passes and, if configured, HA is fine."""
+        parts: list[tuple[bool, str]] = []
+        if self._checks_health is None:
+            parts.append((False, "waiting for the first health check results"))
+        else:
+            parts.append((self._checks_health[0], self._checks_health[1] or "health checks failing"))
+        if self._ha is not None:
+            if self._ha_health is None:
+                parts.append((False, "waiting for Home Assistant"))
+            else:
+                parts.append((self._ha_health[0], f"Home Assistant: {self._ha_health[1]}"))
+        healthy = all(ok for ok, _ in parts)
+        detail = "ok" if healthy else "; ".join(d for ok, d in parts if not ok)
+        if (healthy, detail) != (self.election.healthy, self.election.health_detail):
+            self._feed(HealthChanged(healthy, detail))
+
+    def _manage_automations(self, enabled: bool) -> None:
+        """Managed mode: automations on only on the primary (except ``run_everywhere``), in order."""
+        ha = self._ha
+        if ha is None or not self.config.homeassistant.managed_automations:
+            return
+        previous = self._managing
+        keep = self.config.homeassistant.run_everywhere
+
+        async def apply() -> None:
+            if previous is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await previous
+            try:
+                changed = await ha.set_automations(enabled, keep=keep)
+            except HomeAssistantError as exc:
+                logger.warning("could not turn automations %s: %s", "on" if enabled else "off", exc)
+                return
+            if changed:
+                logger.info("turned %d automations %s: %s", len(changed), "on" if enabled else "off",
+                            ", ".join(changed))
+
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            apply(), name=f"hasync[{self.node_id}].automations")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self._managing = task
 
     def _on_hook_result(self, result: HookResult) -> None:
         self.metrics.hooks.labels(result.event, "ok" if result.ok else "failed").inc()
@@ -474,7 +542,7 @@ class Agent:
             healthy=e.healthy,
             eligible=online and e.eligible(now),
             maintenance=e.maintenance,
-            checks=self._health.states() if self._health else {},
+            checks=self._checks(),
             agent_version=__version__,
             sent_at=time.time(),
         )
@@ -499,6 +567,12 @@ class Agent:
         until = time.time() + (deadline - now) if deadline is not None else 0.0
         self._outbox.put_nowait((self.discovery.primary_state_topic(), primary_state(deadline is not None, until),
                                  False))
+
+    def _checks(self) -> dict[str, bool]:
+        checks = self._health.states() if self._health else {}
+        if self._ha is not None:
+            checks = {**checks, "home-assistant": bool(self._ha_health and self._ha_health[0])}
+        return checks
 
     def _publish_heartbeat(self) -> None:
         self._next_heartbeat = self.clock() + self.config.election.heartbeat_interval
@@ -556,7 +630,11 @@ class Agent:
             "maintenance": e.maintenance,
             "eligible": e.eligible(self.clock()),
             "connected": self._session is not None,
-            "checks": self._health.states() if self._health else {},
+            "checks": self._checks(),
+            "home_assistant": None if self._ha is None else {
+                "healthy": self._ha_health[0] if self._ha_health else False,
+                "detail": self._ha_health[1] if self._ha_health else "connecting",
+            },
             "incarnation": self.incarnation,
             "version": __version__,
         }

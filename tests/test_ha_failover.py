@@ -147,3 +147,63 @@ def test_a_trigger_reaching_both_instances_runs_the_gated_automation_once(
         wait_until(lambda e=expected: total() >= e, 10, f"{expected} gated presses in total")  # type: ignore[misc]
         assert total() == expected
     assert ha[B].get_state("counter.gated_presses")["state"] == "2"  # type: ignore[index]
+
+
+@pytest.fixture
+def linked_pair(
+    mosquitto: MosquittoProcess, start_ha: StartHA, tmp_path: Path, topic_prefix: str
+) -> Iterator[tuple[Cluster, dict[str, HomeAssistant]]]:
+    """Like ``pair``, but each agent also watches its own HA (URL and token) and manages its automations,
+    leaving automation.count_test_presses to run everywhere."""
+    ha_a, ha_b = start_ha(A, B, mqtt_port=mosquitto.port)
+    ha = {A: ha_a, B: ha_b}
+    with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
+        for node, priority in ((A, 200), (B, 100)):
+            cluster.add(node, priority=priority, election=HA_SETTINGS["election"], homeassistant={
+                "discovery": True, "url": ha[node].url, "token": ha[node].token,
+                "managed_automations": True, "run_everywhere": ["automation.count_test_presses"],
+            })
+        cluster.wait_for_leader(timeout=20)
+        wait_until(lambda: cluster.current_leader() == A, 20, "ha_a (the better priority) to lead")
+        yield cluster, ha
+
+
+GATED = "automation.count_gated_presses_primary_only"
+EVERYWHERE = "automation.count_test_presses"
+
+
+def test_managed_mode_keeps_automations_on_only_on_the_primary_across_failovers(
+    linked_pair: tuple[Cluster, dict[str, HomeAssistant]],
+) -> None:
+    cluster, ha = linked_pair
+    ha[A].wait_for_state(GATED, "on", timeout=15)
+    ha[B].wait_for_state(GATED, "off", timeout=15)
+    assert ha[B].get_state(EVERYWHERE)["state"] == "on"  # type: ignore[index]  # run_everywhere: left alone
+    # Graceful handover: a turns its automations off, then b turns its own on.
+    t0 = time.monotonic()
+    ha[A].call_service("button", "press", {"entity_id": f"button.hasync_test_{A}_step_down"})
+    assert cluster.wait_for_leader(timeout=10, after=t0, exclude=A) == B
+    ha[B].wait_for_state(GATED, "on", timeout=15)
+    ha[A].wait_for_state(GATED, "off", timeout=15)
+    # ...and back (a preempts), then a crash of a's agent: b turns its automations on again.
+    assert cluster.wait_for_leader(timeout=15, after=t0, exclude=B) == A
+    ha[A].wait_for_state(GATED, "on", timeout=15)
+    ha[B].wait_for_state(GATED, "off", timeout=15)
+    cluster.kill(A)
+    ha[B].wait_for_state(GATED, "on", timeout=15)
+    assert ha[A].get_state(EVERYWHERE)["state"] == "on"  # type: ignore[index]
+
+
+def test_stopping_the_primarys_home_assistant_moves_leadership(
+    linked_pair: tuple[Cluster, dict[str, HomeAssistant]],
+) -> None:
+    cluster, ha = linked_pair
+    wait_until(lambda: cluster.agents[B].status().get("eligible"), 15, "ha_b to be eligible")
+    t0 = time.monotonic()
+    ha[A].stop()
+    assert cluster.wait_for_leader(timeout=20, after=t0) == B
+    demote = [e for e in cluster.agents[A].events() if e["event"] == "demote"][-1]
+    assert demote["reason"].startswith("unhealthy") and "Home Assistant" in demote["reason"]
+    status = cluster.agents[A].status()
+    assert status["eligible"] is False and status["home_assistant"]["healthy"] is False
+    ha[B].wait_for_state(primary(B), "on", timeout=10)
