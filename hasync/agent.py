@@ -135,7 +135,8 @@ class Agent:
                 ha = cfg.homeassistant
                 if ha.url is not None and ha.token is not None:
                     self._ha = await stack.enter_async_context(
-                        HomeAssistantLink(ha.url, ha.token, on_change=self._on_ha_health)
+                        HomeAssistantLink(ha.url, ha.token, on_change=self._on_ha_health,
+                                          probe_topic=self.topics.ha_probe(self.node_id))
                     )
                 self._health = await stack.enter_async_context(
                     HealthMonitor(cfg.health_checks, on_change=self._on_health)

@@ -6,7 +6,8 @@ Everything lives under ``{prefix}/{cluster}/``::
     leader                  retained LeaderAnnouncement for other tools
     nodes/{node}            retained Heartbeat; the node's Last Will is published here
     nodes/{node}/command    Command addressed to one node
-    nodes/{node}/primary    ON/OFF for Home Assistant's primary binary sensor (see hasync.discovery)
+    nodes/{node}/primary    Home Assistant's primary binary sensor state (see hasync.discovery)
+    nodes/{node}/ha-probe   the node's HA echoes a probe here (see hasync.homeassistant)
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class Topics:
     def primary_state(self, node: str) -> str:
         """``ON``/``OFF`` for Home Assistant's primary binary sensor of ``node`` (not parsed by agents)."""
         return f"{self.base}/nodes/{validate_segment(node, 'node id')}/primary"
+
+    def ha_probe(self, node: str) -> str:
+        """Where a node has its Home Assistant echo a probe, to prove HA's MQTT connection works."""
+        return f"{self.base}/nodes/{validate_segment(node, 'node id')}/ha-probe"
 
     def command(self, node: str) -> str:
         return f"{self.base}/nodes/{validate_segment(node, 'node id')}/command"
