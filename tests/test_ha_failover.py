@@ -207,3 +207,58 @@ def test_stopping_the_primarys_home_assistant_moves_leadership(
     status = cluster.agents[A].status()
     assert status["eligible"] is False and status["home_assistant"]["healthy"] is False
     ha[B].wait_for_state(primary(B), "on", timeout=10)
+
+
+def test_home_assistant_restart_gets_discovery_and_state_again(
+    pair: tuple[Cluster, dict[str, HomeAssistant]],
+) -> None:
+    cluster, ha = pair
+    ha[B].stop()
+    ha[B].start()
+    wait_until(lambda: "Home Assistant came online" in cluster.agents[B].log(), 15,
+               "ha_b's agent to see HA's birth message")
+    ha[B].wait_for_state(primary(B), "off", timeout=15)
+    ha[B].wait_for_state(primary(A), "on", timeout=15)
+
+
+def test_decommissioned_node_disappears_from_home_assistant(
+    pair: tuple[Cluster, dict[str, HomeAssistant]],
+) -> None:
+    import subprocess
+    import sys
+
+    cluster, ha = pair
+    assert cluster.agents[B].terminate() == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "hasync", "decommission", "--broker", cluster.broker_url, "--cluster", "test",
+         "--topic-prefix", cluster.prefix, "--node", B],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    for entity in (primary(B), f"sensor.hasync_test_{B}_role", f"switch.hasync_test_{B}_maintenance"):
+        wait_until(lambda e=entity: ha[A].get_state(e) is None, 15, f"{entity} to be removed")  # type: ignore[misc]
+    assert ha[A].get_state(primary(A)) is not None  # the other node is untouched
+
+
+def test_a_wrong_token_is_reported_and_keeps_the_node_out(
+    mosquitto: MosquittoProcess, start_ha: StartHA, tmp_path: Path, topic_prefix: str
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    [ha_a] = start_ha(A, mqtt_port=mosquitto.port)
+    with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
+        agent = cluster.add(A, election=HA_SETTINGS["election"], homeassistant={
+            "discovery": True, "url": ha_a.url, "token": "not-a-valid-token"})
+        wait_until(lambda: "token" in (agent.status().get("home_assistant") or {}).get("detail", ""), 15,
+                   "/healthz to report the rejected token")
+        assert agent.status()["eligible"] is False
+        assert "Home Assistant" in agent.status()["health_detail"]
+        out = subprocess.run(
+            [sys.executable, "-m", "hasync", "status", "--json", "--broker", cluster.broker_url, "--cluster", "test",
+             "--topic-prefix", cluster.prefix], capture_output=True, text=True, timeout=30, check=True).stdout
+        [node] = json.loads(out)["nodes"]
+        assert node["checks"] == {"home-assistant": False} and node["healthy"] is False
+        time.sleep(HA_SETTINGS["election"]["lease_duration"] + 1)  # the only node, but not eligible: no primary
+        assert not agent.promotions()
+        assert "rejected the access token" in agent.log()
