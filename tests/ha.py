@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -45,7 +44,7 @@ from typing import Any, Self
 
 import aiohttp
 import yaml
-from brokers import HOST, free_port
+from brokers import HOST, free_port, terminate
 
 HA_VERSION = "2024.3.3"
 HA_VENV = Path(__file__).resolve().parent.parent / ".cache" / "ha-venv"
@@ -217,13 +216,7 @@ class HomeAssistant:
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, STOP_TIMEOUT)
         self._process = None
 
     def kill(self) -> None:
