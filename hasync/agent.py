@@ -348,11 +348,13 @@ class Agent:
                     self._publish_heartbeat()
         return deferred
 
-    def _spawn(self, coro: Any, what: str) -> None:
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task[None]:
+        """A supervised background task: tracked, cancelled at shutdown, its failure logged."""
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
             coro, name=f"hasync[{self.node_id}].{what}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -505,11 +507,7 @@ class Agent:
                 logger.info("turned %d automations %s: %s", len(changed), "on" if enabled else "off",
                             ", ".join(changed))
 
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
-            apply(), name=f"hasync[{self.node_id}].automations")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        self._managing = task
+        self._managing = self._spawn(apply(), "automations")
 
     def _on_hook_result(self, result: HookResult) -> None:
         self.metrics.hooks.labels(result.event, "ok" if result.ok else "failed").inc()
