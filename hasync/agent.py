@@ -248,14 +248,10 @@ class Agent:
         try:
             async for message in session.messages():
                 self._on_message(message)
-                if sender.done():
-                    break
         finally:
-            sender.cancel()
+            sender.cancel()  # it never ends by itself: each publish handles its own failure
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
-        if sender.done() and not sender.cancelled() and sender.exception() is not None:
-            raise sender.exception()  # type: ignore[misc]
         raise MqttFailure("message stream ended")
 
     async def _sender(self, session: Session) -> None:

@@ -80,6 +80,16 @@ def _promotions(nodes: list[DemoNode], after: float) -> list[dict[str, Any]]:
     return sorted(events, key=lambda e: e["t"])
 
 
+async def _next_promotion(demo: Demo, after: float, timeout: float, failure: str) -> dict[str, Any] | None:
+    """The first promotion after ``after`` (monotonic), or None (said as ``failure``) if none in time."""
+    try:
+        await _wait_for(lambda: _promotions(demo.nodes, after), min(timeout, demo.remaining()))
+    except TimeoutError:
+        demo.say(f"[red]{failure}[/]")
+        return None
+    return _promotions(demo.nodes, after)[0]
+
+
 def _overlaps(nodes: list[DemoNode], end: float, deaths: dict[str, float]) -> list[str]:
     events = [e for n in nodes for e in read_events(n.events)]
     pairs = overlaps(tenures(events, end, deaths))
@@ -153,12 +163,9 @@ async def _scenario(demo: Demo, url: str) -> int:
 
         refresher = asyncio.create_task(refresh(), name="demo.refresh")
         t0 = time.monotonic()
-        try:
-            await _wait_for(lambda: _promotions(demo.nodes, 0), min(20, demo.remaining()))
-        except TimeoutError:
-            demo.say("[red]no primary was elected in time[/]")
+        first = await _next_promotion(demo, 0, 20, "no primary was elected in time")
+        if first is None:
             return 1
-        first = _promotions(demo.nodes, 0)[0]
         leader = next(n for n in demo.nodes if n.name == first["node"])
         demo.say(f"[green]{leader.name} is primary[/] (term {first['term']}), "
                  f"{first['t'] - t0:.2f} s after start")
@@ -172,12 +179,9 @@ async def _scenario(demo: Demo, url: str) -> int:
         assert leader.process is not None
         leader.process.kill()
         await leader.process.wait()
-        try:
-            await _wait_for(lambda: _promotions(demo.nodes, t_kill), min(15, demo.remaining()))
-        except TimeoutError:
-            demo.say("[red]no failover in time[/]")
+        promo = await _next_promotion(demo, t_kill, 15, "no failover in time")
+        if promo is None:
             return 1
-        promo = _promotions(demo.nodes, t_kill)[0]
         failover = promo["t"] - t_kill
         demo.say(f"[green]failover: {promo['node']} is primary[/] (term {promo['term']}) "
                  f"{failover * 1000:.0f} ms after the kill")
@@ -188,12 +192,9 @@ async def _scenario(demo: Demo, url: str) -> int:
         demo.say(f"graceful handover: asking {new_leader} to step down (as before an update)")
         t_step = time.monotonic()
         await send_step_down(BrokerConfig(url=url), topics, new_leader, None)
-        try:
-            await _wait_for(lambda: _promotions(demo.nodes, t_step), min(10, demo.remaining()))
-        except TimeoutError:
-            demo.say("[red]no handover in time[/]")
+        promo2 = await _next_promotion(demo, t_step, 10, "no handover in time")
+        if promo2 is None:
             return 1
-        promo2 = _promotions(demo.nodes, t_step)[0]
         handover = promo2["t"] - t_step
         demo.say(f"[green]handover: {promo2['node']} is primary[/] (term {promo2['term']}) "
                  f"{handover * 1000:.0f} ms after the request")

@@ -8,6 +8,7 @@ second normally); every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import selectors
@@ -52,6 +53,22 @@ def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+async def wait_exited(pid: int) -> None:
+    """Return once process ``pid`` has exited (a pidfd becomes readable); TimeoutError after 2 s."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(fd, exited.set)
+    try:
+        await asyncio.wait_for(exited.wait(), 2)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 class BrokerStartError(RuntimeError):

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from brokers import wait_exited
 from pydantic import TypeAdapter, ValidationError
 
 from hasync import health
@@ -39,20 +40,6 @@ def http_check(url: str, **fields: Any) -> HttpCheck:
     return HttpCheck(type="http", name=fields.pop("name", "web"), url=url, **fields)
 
 
-async def wait_exited(pid: int) -> None:
-    """Return once process ``pid`` has exited (a pidfd becomes readable); TimeoutError after 2 s."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    exited = asyncio.Event()
-    loop.add_reader(fd, exited.set)
-    try:
-        await asyncio.wait_for(exited.wait(), 2)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 @contextlib.contextmanager

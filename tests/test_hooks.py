@@ -12,25 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from brokers import wait_exited
 from pydantic import ValidationError
 
 from hasync.hooks import MAX_LOGGED_OUTPUT, HookResult, HookRunner, HooksConfig
-
-
-async def wait_exited(pid: int) -> None:
-    """Return once process ``pid`` has exited (a pidfd becomes readable); TimeoutError after 2 s."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    exited = asyncio.Event()
-    loop.add_reader(fd, exited.set)
-    try:
-        await asyncio.wait_for(exited.wait(), 2)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 class Results:
