@@ -342,6 +342,8 @@ class Election:
             and self.healthy
             and not self.maintenance
             and not self.stopping
+            # Just stepped down (for an update, say): not a candidate for preemption or succession.
+            and now >= self._holdoff_until
         )
 
     def next_wakeup(self, now: float) -> float:

@@ -637,3 +637,12 @@ def test_records_validate_their_shape() -> None:
         record("renew", 2, 0, "a")
     with pytest.raises(ValueError):
         record("renew", 2, 1, "a", successor="b")
+
+
+def test_a_node_that_stepped_down_is_not_eligible_during_its_holdoff() -> None:
+    """Otherwise a peer with a lower priority that just took over would be preempted straight back."""
+    b = follower_of("x", at=0.5)
+    assert b.eligible(1.0)
+    b.handle(StepDown("step-down requested"), 1.0)
+    assert not b.eligible(1.0 + T.lease_duration - 0.01)
+    assert b.eligible(1.0 + T.lease_duration)
