@@ -1,0 +1,10 @@
+"""hasync's benchmark harness: ``python -m bench`` (or ``./scripts/bench``) runs scenarios on this
+machine and writes BENCHMARKS.md.
+
+Modules: ``stats`` (distributions), ``report`` (rows, targets, the Markdown report, the machine),
+``registry`` (the scenarios by name: add one with ``@scenario``), ``testlib`` (a typed shim over the
+test-suite's broker, agent and Home Assistant controllers in ``tests/``), ``cluster`` (agents with
+production timings, waiting for a stable cluster, overlap of tenures), and one module per group of
+scenarios: ``failover``, ``ha_failover``, ``footprint``, ``mqttloop`` (the plain aiomqtt ceiling),
+``pending`` (state-sync scenarios still to be built).
+"""

@@ -1,0 +1,106 @@
+"""Footprint: each agent's resident memory (``VmRSS``) and CPU (``utime + stime`` from ``/proc/PID/stat``)
+over a measured window, for the primary and for the standbys, on Mosquitto.
+
+``measure(ctx, load)`` takes an optional ``Load``: a context manager that runs a workload against the
+cluster while the window lasts. Idle is ``load=None``; the 1,000 entity updates/s variant will pass a
+load that drives state sync once it exists (until then its row says "pending: state sync").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import testlib
+from .cluster import BenchCluster
+from .registry import Context, scenario
+from .report import Result, Row, Target
+
+NODES = {"n1": 300, "n2": 200, "n3": 100}
+SLICE = 5.0  # seconds per CPU sample: a 10 ms clock tick is 0.2 % of it
+RSS_TARGET_MIB = 60
+CPU_TARGET_PERCENT = 1.0
+
+
+@dataclass(frozen=True)
+class Load:
+    """A workload to run during the window: ``run(cluster)`` is entered before and left after it."""
+
+    name: str
+    run: Callable[[BenchCluster], AbstractContextManager[None]]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may contain spaces
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def measure(ctx: Context, name: str, load: Load | None) -> Result:
+    window = 30.0 if ctx.full else 10.0
+    slices = int(window // SLICE)
+    title = "agent footprint, " + ("idle" if load is None else load.name) + ", Mosquitto"
+    result = Result(name, title, (
+        f"Three agents (production timings, Home Assistant discovery on, log level INFO) on Mosquitto; "
+        f"once the cluster is stable, every agent's CPU time is sampled every {SLICE:.0f} s for "
+        f"{window:.0f} s ({slices} samples per agent; CPU % = CPU seconds / wall seconds of the slice, "
+        f"100 % = one core) and its VmRSS at the end of each slice. The standby rows pool both standbys."))
+    workdir = ctx.workdir / name
+    broker = testlib.mosquitto(workdir / "broker")
+    rss: dict[str, list[float]] = {"primary": [], "standby": []}
+    cpu: dict[str, list[float]] = {"primary": [], "standby": []}
+    started = time.monotonic()
+    broker.start()
+    try:
+        with BenchCluster(workdir / "agents", broker.url, NODES) as bc:
+            leader = bc.wait_stable(timeout=60, hold=3.0)
+            roles = {node: "primary" if node == leader else "standby" for node in bc.agents}
+            pids = {node: agent.pid for node, agent in bc.agents.items()}
+            with load.run(bc) if load is not None else contextlib.nullcontext():
+                ctx.log(f"{name}: measuring {window:.0f} s, {leader} is primary")
+                before = {node: cpu_seconds(pid) for node, pid in pids.items()}
+                t_before = time.monotonic()
+                for _ in range(slices):
+                    time.sleep(SLICE)  # the measurement window itself
+                    now = time.monotonic()
+                    for node, pid in pids.items():
+                        spent = cpu_seconds(pid)
+                        cpu[roles[node]].append((spent - before[node]) / (now - t_before) * 100)
+                        rss[roles[node]].append(rss_mib(pid))
+                        before[node] = spent
+                    t_before = now
+            if bc.stable_leader() != leader:
+                result.failures.append(f"leadership changed during the window (was {leader})")
+    finally:
+        broker.stop()
+    result.seconds = time.monotonic() - started
+    for role in ("primary", "standby"):
+        result.rows.append(Row(f"RSS, {role}", "MiB", rss[role], Target("max", RSS_TARGET_MIB)))
+    for role in ("primary", "standby"):
+        result.rows.append(Row(f"CPU, {role}", "%", cpu[role], Target("median", CPU_TARGET_PERCENT)))
+    return result
+
+
+@scenario("footprint", "agent footprint (RSS, CPU), idle, Mosquitto")
+def footprint_idle(ctx: Context) -> Result:
+    result = measure(ctx, "footprint", None)
+    # The load variant: ``measure(ctx, "footprint-load", Load("1,000 entity updates/s", drive_sync))``
+    # once state sync exists.
+    for what in ("RSS", "CPU"):
+        result.rows.append(Row(f"{what} under load (1,000 entity updates/s)", "MiB" if what == "RSS" else "%",
+                               pending="pending: state sync"))
+    return result
