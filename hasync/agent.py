@@ -50,6 +50,7 @@ from .http import HttpServer
 from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, parse
 from .metrics import Metrics
 from .mqtt import AuthFailure, Backoff, Incoming, MqttFailure, Session, Will, connect, wait_or
+from .replica import HomeAssistantBackend, MemoryBackend, Replica, backend_for
 from .topics import TopicKind, Topics
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,13 @@ class Agent:
         self._next_heartbeat = 0.0
         self._events: IO[str] | None = None
         self._warned: set[tuple[str, str]] = set()
+        # Entity state sync, wherever there are entities to sync: this node's HA, or the memory backend.
+        self.replica: Replica | None = None
+        sync = config.sync
+        if sync.enabled and (sync.backend == "memory" or ha.url is not None):
+            self.replica = Replica(self.node_id, self.topics, sync, backend_for(sync), self.metrics,
+                                   publish=lambda topic, payload, retain: self._outbox.put_nowait(
+                                       (topic, payload, retain)))
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -123,6 +131,8 @@ class Agent:
                         HttpServer(
                             cfg.http.host, cfg.http.port, status=self.status,
                             is_primary=self.is_primary, ready=self._ready, metrics=self._render_metrics,
+                            memory=(self.replica.backend if self.replica is not None
+                                    and isinstance(self.replica.backend, MemoryBackend) else None),
                         )
                     )
                     self.http_port = http.port
@@ -134,10 +144,19 @@ class Agent:
                     self._feed(MaintenanceChanged(on=True))
                 ha = cfg.homeassistant
                 if ha.url is not None and ha.token is not None:
+                    backend = self.replica.backend if self.replica is not None else None
+                    watch = backend if isinstance(backend, HomeAssistantBackend) else None
                     self._ha = await stack.enter_async_context(
                         HomeAssistantLink(ha.url, ha.token, on_change=self._on_ha_health,
-                                          probe_topic=self.topics.ha_probe(self.node_id))
+                                          probe_topic=self.topics.ha_probe(self.node_id),
+                                          on_states=watch.on_states if watch else None,
+                                          on_state_changed=watch.on_state_changed if watch else None)
                     )
+                    if watch is not None:
+                        watch.link = self._ha
+                if self.replica is None:
+                    logger.info("state sync off: %s", "sync.enabled is false" if not cfg.sync.enabled
+                                else "no Home Assistant configured (homeassistant.url and token)")
                 self._health = await stack.enter_async_context(
                     HealthMonitor(cfg.health_checks, on_change=self._on_health)
                 )
@@ -146,10 +165,14 @@ class Agent:
                     node = self.node_id
                     conn = tg.create_task(self._connection_loop(), name=f"hasync[{node}].connection")
                     tick = tg.create_task(self._ticker(), name=f"hasync[{node}].ticker")
+                    sync = None if self.replica is None else tg.create_task(
+                        self.replica.run(), name=f"hasync[{node}].sync")
                     await self._stop.wait()
                     await self._shutdown()
                     conn.cancel()
                     tick.cancel()
+                    if sync is not None:
+                        sync.cancel()
                     for task in list(self._tasks):
                         task.cancel()
                 logger.debug("shutdown: tasks finished; closing health checks, HTTP and hooks")
@@ -223,6 +246,9 @@ class Agent:
                 self.metrics.connected.set(0)
                 if connected_at is not None:
                     self._feed(Disconnected(reason))
+                    if self.replica is not None:
+                        self.replica.disconnected()
+                        self.metrics.sync_synced.set(0)
             if connected_at is not None and self.clock() - connected_at > 10:
                 backoff.reset()
             await asyncio.sleep(backoff.next_delay(permanent=permanent))
@@ -237,6 +263,12 @@ class Agent:
         if self.discovery is not None:
             topics.append(self._ha_status_topic)
         await session.subscribe(*topics)
+        sync_sender: asyncio.Task[None] | None = None
+        if self.replica is not None:
+            self.replica.connected()
+            await session.subscribe(*self.replica.subscriptions())
+            self.replica.subscribed()
+            sync_sender = asyncio.create_task(self.replica.sender(session), name=f"hasync[{self.node_id}].sync-sender")
         self.metrics.connected.set(1)
         self.metrics.connects.inc()
         self._announce_to_home_assistant()
@@ -249,9 +281,11 @@ class Agent:
             async for message in session.messages():
                 self._on_message(message)
         finally:
-            sender.cancel()  # it never ends by itself: each publish handles its own failure
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            for task in (sender, sync_sender):
+                if task is not None:
+                    task.cancel()  # they never end by themselves: each publish handles its own failure
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         raise MqttFailure("message stream ended")
 
     async def _sender(self, session: Session) -> None:
@@ -287,6 +321,8 @@ class Agent:
             self.election.role, self.election.leader, self.election.term,
             self.election.eligible(self.clock()), self.election.healthy, self.election.maintenance,
         )
+        if self.replica is not None:
+            self.replica.set_leader_term(self.election.term)
         if summary != self._summary:
             self._summary = summary
             self.metrics.set_role(self._role_name())
@@ -439,6 +475,13 @@ class Agent:
                         self._feed(MaintenanceChanged(on=command.on))
                     else:
                         self._feed(StepDown("step-down requested", successor=command.successor))
+                case TopicKind.ENTITY:
+                    if self.replica is not None:
+                        assert parsed.entity_id is not None
+                        self.replica.on_record(parsed.entity_id, message.payload, message.retain)
+                case TopicKind.SYNC_MARKER:
+                    if self.replica is not None and parsed.node == self.node_id:
+                        self.replica.on_marker(message.payload)
                 case TopicKind.LEADER:
                     pass
         except MessageError as exc:
@@ -630,6 +673,7 @@ class Agent:
                 "healthy": self._ha_health[0] if self._ha_health else False,
                 "detail": self._ha_health[1] if self._ha_health else "connecting",
             },
+            "sync": None if self.replica is None else self.replica.status(),
             "incarnation": self.incarnation,
             "version": __version__,
         }

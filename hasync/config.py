@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .election import Timing
 from .health import HealthCheckConfig
 from .hooks import HooksConfig
+from .selection import DEFAULT_DOMAINS, Selector, ThrottleRule
 from .topics import validate_prefix, validate_segment
 
 
@@ -179,6 +180,81 @@ class HomeAssistantConfig(_Model):
         return self
 
 
+class SyncFilter(_Model):
+    domains: list[str] = Field(default_factory=list)
+    entities: list[str] = Field(default_factory=list)
+    entity_globs: list[str] = Field(default_factory=list)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not re.fullmatch(r"[a-z0-9_]+", v)]
+        if bad:
+            raise ValueError(f"not domains: {', '.join(map(repr, bad))} (expected e.g. input_boolean)")
+        return value
+
+    @field_validator("entities")
+    @classmethod
+    def _entities(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not re.fullmatch(r"[a-z0-9_]+\.[a-z0-9_]+", v)]
+        if bad:
+            raise ValueError(f"not entity ids: {', '.join(map(repr, bad))} (expected e.g. input_boolean.guest_mode)")
+        return value
+
+    @field_validator("entity_globs")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not re.fullmatch(r"[a-z0-9_.*?\[\]!-]+", v)]
+        if bad:
+            raise ValueError(f"not entity globs: {', '.join(map(repr, bad))} (expected e.g. sensor.*_temperature)")
+        return value
+
+
+class SyncInclude(SyncFilter):
+    domains: list[str] = Field(default_factory=lambda: list(DEFAULT_DOMAINS))
+
+
+class ThrottleConfig(_Model):
+    entity_globs: Annotated[list[str], Field(min_length=1)]
+    min_interval: Annotated[float, Field(ge=0, le=86400)] = 0.0
+    deadband: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _something(self) -> ThrottleConfig:
+        if self.min_interval == 0 and self.deadband == 0:
+            raise ValueError("a throttle rule needs min_interval or deadband (or both) above 0")
+        return self
+
+
+class SyncConfig(_Model):
+    """Entity state sync (hasync.sync). On by default wherever the agent has a Home Assistant to talk to.
+
+    ``backend: memory`` keeps the entities in the agent's memory instead of Home Assistant, set through the
+    HTTP API: for tests, demos and benchmarks, never for a home.
+    """
+
+    enabled: bool = True
+    backend: Literal["homeassistant", "memory"] = "homeassistant"
+    include: SyncInclude = SyncInclude()
+    exclude: SyncFilter = SyncFilter()
+    throttle: list[ThrottleConfig] = Field(default_factory=list)
+    max_entities: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+    max_clock_drift: Annotated[float, Field(ge=1, le=86400)] = 60.0
+    reconcile_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    retry_interval: Annotated[float, Field(gt=0, le=3600)] = 10.0
+
+    def selector(self) -> Selector:
+        i, e = self.include, self.exclude
+        return Selector(
+            include_domains=frozenset(i.domains), include_entities=frozenset(i.entities),
+            include_globs=tuple(i.entity_globs), exclude_domains=frozenset(e.domains),
+            exclude_entities=frozenset(e.entities), exclude_globs=tuple(e.entity_globs),
+        )
+
+    def throttle_rules(self) -> list[ThrottleRule]:
+        return [ThrottleRule(tuple(t.entity_globs), t.min_interval, t.deadband) for t in self.throttle]
+
+
 class HttpConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -207,6 +283,7 @@ class AgentConfig(_Model):
     health_checks: list[HealthCheckConfig] = Field(default_factory=list)
     hooks: HooksConfig = HooksConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    sync: SyncConfig = SyncConfig()
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
     events_file: Path | None = None

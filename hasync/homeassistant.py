@@ -39,6 +39,14 @@ Health, checked every ``check_interval`` seconds on the live connection:
    (one row per check; users may exclude that event type in ``recorder:``).
 
 ``healthy`` is True iff all three pass; ``detail`` says what failed (``"ok"`` when healthy).
+
+State watching (for entity sync), when ``on_states`` and ``on_state_changed`` are given: on every new
+connection the link subscribes to ``state_changed`` events and then asks for ``get_states``. HA sends both
+over the one websocket in the order it handled them, so every event that arrives before the ``get_states``
+answer is already reflected in it: those events are discarded, ``on_states(states)`` gets the snapshot, and
+every later event goes to ``on_state_changed(event)`` in order. :meth:`apply_states` sets entities through
+HA's reproduce-state path (``scene.apply``) and returns the context id of the call: the ``state_changed``
+events it caused carry that id (and arrive before the call's answer).
 ``on_change(healthy, detail)`` is called with the first result and then on every flip. A failure is
 logged at WARNING (a rejected token at ERROR) the first time its detail is seen in a streak of
 failures, and at DEBUG when it repeats; recovery is logged at INFO.
@@ -121,19 +129,23 @@ class _Connection:
         self._url = url
         self._timeout = timeout
         self._last_id = 0
-        self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}  # id: (command type, its answer)
+        # id: (command type, its answer, called with a successful result as it is dispatched)
+        self._pending: dict[int, tuple[str, asyncio.Future[Any], Callable[[Any], None] | None]] = {}
         self._handlers: dict[int, Callable[[Any], None]] = {}
         self.closed = asyncio.Event()
         self.lost_reason = ""
 
-    async def command(self, message: dict[str, Any]) -> Any:
-        """Send ``message`` with the next id; return its result (None for a pong) within ``timeout``."""
+    async def command(self, message: dict[str, Any], *, on_answer: Callable[[Any], None] | None = None) -> Any:
+        """Send ``message`` with the next id; return its result (None for a pong) within ``timeout``.
+
+        ``on_answer(result)`` is called with a successful result in the receive loop, before any message
+        that follows it is dispatched: the caller's own resumption comes later."""
         if self.closed.is_set():
             raise NotConnected(self.lost_reason)
         self._last_id += 1
         msg_id = self._last_id
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = (str(message["type"]), future)
+        self._pending[msg_id] = (str(message["type"]), future, on_answer)
         try:
             try:
                 await self._ws.send_json({"id": msg_id, **message})
@@ -194,7 +206,7 @@ class _Connection:
             return
         self.lost_reason = reason
         self.closed.set()
-        for _, future in self._pending.values():
+        for _, future, _ in self._pending.values():
             if not future.done():
                 future.set_exception(NotConnected(reason))
         self._pending.clear()
@@ -218,13 +230,16 @@ class _Connection:
             if handler is not None:
                 handler(message.get("event"))
             return
-        command, future = self._pending.get(msg_id, ("", None)) if isinstance(msg_id, int) else ("", None)
+        command, future, on_answer = self._pending.get(msg_id, ("", None, None)) if isinstance(msg_id, int) else (
+            "", None, None)
         if future is None or future.done():
             logger.debug("ignoring an answer nobody waits for: %.200s", message)
             return
         if kind == "pong":
             future.set_result(None)
         elif kind == "result" and message.get("success"):
+            if on_answer is not None:
+                on_answer(message.get("result"))
             future.set_result(message.get("result"))
         elif kind == "result":
             error = message.get("error") or {}
@@ -352,6 +367,8 @@ class HomeAssistantLink:
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         probe_topic: str | None = None,
+        on_states: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_state_changed: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -387,6 +404,8 @@ class HomeAssistantLink:
         self._failures_logged: set[str] = set()
         self._missing_logged: set[str] = set()
         self.ha_version: str | None = None
+        self._on_states = on_states
+        self._on_state_changed = on_state_changed
 
     # ---- queries ----------------------------------------------------------------------------------
 
@@ -479,6 +498,30 @@ class HomeAssistantLink:
         )
         logger.info("turned %s %d automation(s) in Home Assistant: %s", wanted, len(change), ", ".join(change))
         return change
+
+    async def apply_states(self, entities: dict[str, dict[str, Any]]) -> str:
+        """Set entities with ``scene.apply`` (``{entity_id: {"state": "on", **attributes}}``, states as
+        strings); return the context id HA gave the call. Entities HA does not have are skipped by HA."""
+        conn = self._live()
+        result = await conn.command(
+            {"type": "call_service", "domain": "scene", "service": "apply", "service_data": {"entities": entities}}
+        )
+        context = result.get("context") if isinstance(result, dict) else None
+        context_id = context.get("id") if isinstance(context, dict) else None
+        if not isinstance(context_id, str):
+            raise CommandFailed("call_service", "no_context", f"Home Assistant answered scene.apply with {result!r}")
+        return context_id
+
+    async def delete_helper(self, entity_id: str) -> None:
+        """Delete a helper made in HA's UI (``{domain}/delete`` with its storage id). YAML helpers cannot be
+        deleted this way: HA answers with an error, raised as :class:`CommandFailed`."""
+        conn = self._live()
+        domain = entity_id.partition(".")[0]
+        entry = await conn.command({"type": "config/entity_registry/get", "entity_id": entity_id})
+        unique_id = entry.get("unique_id") if isinstance(entry, dict) else None
+        if not isinstance(unique_id, str):
+            raise CommandFailed("config/entity_registry/get", "no_unique_id", f"{entity_id} has no storage id")
+        await conn.command({"type": f"{domain}/delete", f"{domain}_id": unique_id})
 
     def _live(self) -> _Connection:
         conn = self._conn
@@ -592,12 +635,46 @@ class HomeAssistantLink:
         self._conn = conn
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(conn.receive_loop(), name="hasync.homeassistant.receive")
+            if self._on_states is not None:
+                tasks.create_task(self._watch_states(conn), name="hasync.homeassistant.states")
             try:
                 return await self._check_loop(conn)
             finally:
                 self._conn = None
                 # Ends the receive loop; bounded by the websocket's close timeout (``timeout``).
                 await conn.close()
+
+    async def _watch_states(self, conn: _Connection) -> None:
+        """Subscribe to state changes, then take the snapshot (see the module docstring); retried every
+        ``check_interval`` while HA answers with an error or not in time; ends with the connection."""
+        on_states, on_changed = self._on_states, self._on_state_changed
+        assert on_states is not None and on_changed is not None
+        snapshot_taken = False
+
+        def handle(event: Any) -> None:
+            if snapshot_taken and isinstance(event, dict):
+                on_changed(event)
+
+        def snapshot(states: Any) -> None:
+            nonlocal snapshot_taken
+            snapshot_taken = True
+            on_states(states if isinstance(states, list) else [])
+
+        while not conn.closed.is_set():
+            try:
+                subscription = await conn.subscribe({"type": "subscribe_events", "event_type": "state_changed"}, handle)
+                try:
+                    await conn.command({"type": "get_states"}, on_answer=snapshot)
+                except BaseException:
+                    conn.forget(subscription)
+                    raise
+            except NotConnected:
+                return
+            except (CommandFailed, RequestTimeout) as exc:
+                logger.warning("cannot watch Home Assistant's states at %s: %s; retrying", self.url, exc)
+                await wait_or(conn.closed, self._check_interval)
+                continue
+            return
 
     async def _check_loop(self, conn: _Connection) -> bool:
         loop = asyncio.get_running_loop()

@@ -34,6 +34,29 @@ class Metrics:
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
                               registry=r)
 
+        self.sync_synced = Gauge("hasync_sync_synced", "1 once this connection's retained entity records are in",
+                                 registry=r)
+        self.sync_pending = Gauge("hasync_sync_pending",
+                                  "Entities with sync work outstanding (stamp, apply, or see on the bus)",
+                                  registry=r)
+        self.sync_queued = Gauge("hasync_sync_queue_depth", "Records waiting to be published plus applies waiting",
+                                 registry=r)
+        self.sync_published = Counter("hasync_sync_records_published", "Entity records published", registry=r)
+        self.sync_received = Counter("hasync_sync_records_received", "Entity records received", registry=r)
+        self.sync_local_changes = Counter("hasync_sync_local_changes", "Changes of mirrored entities made here",
+                                          registry=r)
+        self.sync_applied = Counter("hasync_sync_applied", "Records applied to the local entities", registry=r)
+        self.sync_apply_failures = Counter("hasync_sync_apply_failures", "Applies that did not take effect",
+                                           registry=r)
+        self.sync_dropped = Counter("hasync_sync_dropped", "Entity records or changes ignored", ["reason"], registry=r)
+        self.sync_lag = Histogram("hasync_sync_lag_seconds",
+                                  "From a change's stamp (origin's clock) to its apply here",
+                                  buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                  registry=r)
+        self.sync_apply_seconds = Histogram("hasync_sync_apply_seconds", "Duration of one apply batch",
+                                            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                            registry=r)
+
     def set_role(self, role: str) -> None:
         for name in ROLES:
             self.role.labels(name).set(1 if name == role else 0)

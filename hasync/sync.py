@@ -222,11 +222,17 @@ def _same_value(a: Value | None, b: Value | None) -> bool:
 
 @dataclass(frozen=True)
 class LocalChange:
-    """HA reported a new value that this node did not cause by applying a record."""
+    """HA reported a new value that this node did not cause by applying a record.
+
+    ``appeared``: the entity was just created in HA (it was absent). Like an entity in a ``LocalSnapshot``,
+    its first value is not a user's change: where the bus has a value for it, the bus wins. Only where the bus
+    holds a tombstone is the creation a change (the user brought the entity back).
+    """
 
     entity_id: str
     state: str
     attributes: Attributes = field(default_factory=dict)
+    appeared: bool = False
 
 
 @dataclass(frozen=True)
@@ -431,8 +437,8 @@ class SyncState:
         actions: list[Action] = []
         now = now_wall_ms
         match event:
-            case LocalChange(entity_id=entity_id, state=state, attributes=attributes):
-                self._on_local(entity_id, (state, dict(attributes)), now, actions)
+            case LocalChange(entity_id=entity_id, state=state, attributes=attributes, appeared=appeared):
+                self._on_local(entity_id, (state, dict(attributes)), now, actions, appeared=appeared)
             case EntityRemoved(entity_id=entity_id):
                 self._on_local(entity_id, None, now, actions)
             case RemoteVersion(record=record, retained=retained):
@@ -473,7 +479,9 @@ class SyncState:
 
     # ---- events ---------------------------------------------------------------------------------
 
-    def _on_local(self, entity_id: str, value: Value | None, now: int, actions: list[Action]) -> None:
+    def _on_local(
+        self, entity_id: str, value: Value | None, now: int, actions: list[Action], *, appeared: bool = False
+    ) -> None:
         problem = self._invalid(entity_id, value)
         if problem is not None:
             actions.append(Drop("invalid_local_value", entity_id, problem))
@@ -484,7 +492,9 @@ class SyncState:
         if ent.local is not _UNKNOWN and _same_value(ent.local, value):
             return  # nothing changed
         ent.local = value
-        ent.intent = _Intent(value)
+        ent.failed = False  # HA changed: an Apply that failed before may work now
+        if not (appeared and ent.intent is None and (ent.best is None or not ent.best.tombstone)):
+            ent.intent = _Intent(value)
         self._reconcile(ent, now, actions)
 
     def _on_remote(self, rec: EntityRecord, retained: bool, now: int, actions: list[Action]) -> None:

@@ -8,6 +8,8 @@ Everything lives under ``{prefix}/{cluster}/``::
     nodes/{node}/command    Command addressed to one node
     nodes/{node}/primary    Home Assistant's primary binary sensor state (see hasync.discovery)
     nodes/{node}/ha-probe   the node's HA echoes a probe here (see hasync.homeassistant)
+    nodes/{node}/sync-marker  the node's own marker: its subscription's retained entity records are all in
+    entities/{entity_id}    retained EntityRecord of one mirrored Home Assistant entity (see hasync.sync)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ENTITY_ID = re.compile(r"^[a-z0-9_]+\.[a-z0-9_]+$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$")
 
 
@@ -25,12 +28,15 @@ class TopicKind(Enum):
     LEADER = "leader"
     HEARTBEAT = "heartbeat"
     COMMAND = "command"
+    ENTITY = "entity"
+    SYNC_MARKER = "sync-marker"
 
 
 @dataclass(frozen=True)
 class ParsedTopic:
     kind: TopicKind
     node: str | None = None
+    entity_id: str | None = None
 
 
 def validate_segment(value: str, what: str) -> str:
@@ -84,6 +90,21 @@ class Topics:
     def command(self, node: str) -> str:
         return f"{self.base}/nodes/{validate_segment(node, 'node id')}/command"
 
+    @property
+    def all_entities(self) -> str:
+        return f"{self.base}/entities/+"
+
+    def entity(self, entity_id: str) -> str:
+        """The retained record of one mirrored entity; ``entity_id`` is ``domain.object_id``."""
+        if not _ENTITY_ID.fullmatch(entity_id):
+            raise ValueError(f"entity id {entity_id!r} must be 'domain.object_id' of a-z, 0-9 and '_'")
+        return f"{self.base}/entities/{entity_id}"
+
+    def sync_marker(self, node: str) -> str:
+        """A node publishes a marker here after subscribing to the entities: it comes back after the
+        broker's retained records, which tells the node it has them all."""
+        return f"{self.base}/nodes/{validate_segment(node, 'node id')}/sync-marker"
+
     def parse(self, topic: str) -> ParsedTopic | None:
         """The kind of a topic under this cluster, or None for anything else."""
         head = self.base + "/"
@@ -99,4 +120,8 @@ class Topics:
                 return ParsedTopic(TopicKind.HEARTBEAT, node)
             case ["nodes", node, "command"] if _SEGMENT.fullmatch(node):
                 return ParsedTopic(TopicKind.COMMAND, node)
+            case ["nodes", node, "sync-marker"] if _SEGMENT.fullmatch(node):
+                return ParsedTopic(TopicKind.SYNC_MARKER, node)
+            case ["entities", entity_id] if _ENTITY_ID.fullmatch(entity_id):
+                return ParsedTopic(TopicKind.ENTITY, entity_id=entity_id)
         return None

@@ -431,6 +431,32 @@ def test_an_absent_entity_is_created_by_apply() -> None:
     assert a.handle(RemoteVersion(bus), T0 + 2) == [apply_of(bus)]
 
 
+def test_an_entity_that_appears_in_ha_takes_the_bus_value() -> None:
+    """A helper created in HA (say, its YAML added and reloaded) starts at its initial value: that is no
+    user's change, so the value the cluster holds wins, as in a snapshot."""
+    a = node("a")
+    bus = rec("on", 1)
+    a.handle(RemoteVersion(bus), T0 + 2)
+    a.handle(ApplyFailed(E, bus.version, "absent"), T0 + 3)
+    out = a.handle(LocalChange(E, "off", appeared=True), T0 + 4)
+    assert out == [apply_of(bus)]
+    assert a.record(E) == bus
+
+
+def test_an_entity_that_appears_and_is_new_to_the_bus_is_published() -> None:
+    a = node("a")
+    [record] = published(a.handle(LocalChange(E, "off", appeared=True), T0 + 4))
+    assert (record.state, record.version) == ("off", Stamp(T0 + 4, 0, "a"))
+
+
+def test_an_entity_brought_back_after_its_tombstone_is_a_change() -> None:
+    a = node("a")
+    tombstone = EntityRecord(entity_id=E, tombstone=True, version=Stamp(T0 + 1, 0, "b"), origin="b")
+    a.handle(RemoteVersion(tombstone), T0 + 2)
+    [record] = published(a.handle(LocalChange(E, "off", appeared=True), T0 + 4))
+    assert record.state == "off" and record.version > tombstone.version
+
+
 def test_a_removal_is_published_as_a_tombstone() -> None:
     a = node("a", {E: ("on", {})})
     a.handle(RemoteVersion(rec("on", 1)), T0 + 2)
