@@ -582,6 +582,7 @@ class Agent:
             maintenance=e.maintenance,
             checks=self._checks(),
             agent_version=__version__,
+            sync=self.replica.summary() if self.replica is not None and online else None,
             sent_at=time.time(),
         )
 
@@ -651,6 +652,8 @@ class Agent:
 
     def _render_metrics(self) -> bytes:
         self.metrics.is_primary.set(1 if self.is_primary() else 0)
+        if self.replica is not None:
+            self.replica.update_gauges()
         return self.metrics.render()
 
     def status(self) -> dict[str, Any]:

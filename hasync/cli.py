@@ -109,7 +109,7 @@ def status(
         click.echo(json.dumps(view.to_json(now), indent=2))
         return
     table = Table(title=f"hasync cluster {cfg.cluster!r}")
-    for column in ("node", "role", "term", "priority", "health", "heartbeat age"):
+    for column in ("node", "role", "term", "priority", "health", "heartbeat age", "sync"):
         table.add_column(column)
     for row in view.rows(now):
         failing = [name for name, up in row["checks"].items() if not up]
@@ -119,7 +119,8 @@ def status(
         age = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_wall_age_s']}s"
         alarm = row["role"] in ("offline", "fault", "unknown")
         style = "bold green" if row["role"] == "primary" else ("red" if alarm else "")
-        table.add_row(row["node"], row["role"], str(row["term"]), str(row["priority"]), health, age, style=style)
+        table.add_row(row["node"], row["role"], str(row["term"]), str(row["priority"]), health, age,
+                      _sync_cell(row["sync"]), style=style)
     console = Console()
     console.print(table)
     primaries = view.primaries(now)
@@ -205,3 +206,16 @@ def demo(duration: float | None, nodes: int) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _sync_cell(sync: dict[str, Any] | None) -> str:
+    if sync is None:
+        return "off"
+    text = f"{sync['entities']} entities"
+    if not sync["synced"]:
+        text += ", reconciling"
+    if sync["pending"] or sync["queued"]:
+        text += f", {sync['pending']} pending, {sync['queued']} queued"
+    if sync.get("lag_ms") is not None:
+        text += f", lag {sync['lag_ms']} ms"
+    return text

@@ -77,6 +77,17 @@ class View(BaseModel):
     seq: Seq
 
 
+class SyncSummary(BaseModel):
+    """A node's entity sync, for ``hasync status``: informational only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    synced: bool
+    entities: Annotated[int, Field(ge=0)]
+    pending: Annotated[int, Field(ge=0)]
+    queued: Annotated[int, Field(ge=0)]
+    lag_ms: Annotated[int, Field(ge=0)] | None = None
+
+
 class Heartbeat(Message):
     """A node's retained status; its Last Will is the same message with ``online`` false."""
 
@@ -94,6 +105,7 @@ class Heartbeat(Message):
     maintenance: bool = False
     checks: dict[str, bool] = Field(default_factory=dict)
     agent_version: str = ""
+    sync: SyncSummary | None = None
     sent_at: float = 0.0
 
 

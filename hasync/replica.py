@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from .config import SyncConfig
 from .hlc import Stamp
 from .homeassistant import HomeAssistantError, HomeAssistantLink
-from .messages import MessageError, parse
+from .messages import MessageError, SyncSummary, parse
 from .metrics import Metrics
 from .mqtt import MqttFailure, Session, wait_or
 from .selection import Selector, Throttle
@@ -151,6 +151,13 @@ class Replica:
             "lag_seconds": None if self.last_lag is None else round(self.last_lag, 4),
         }
 
+    def summary(self) -> SyncSummary:
+        return SyncSummary(
+            synced=self.state.synced, entities=len(self.state.records()), pending=self.state.pending(),
+            queued=len(self._dirty) + len(self._applies),
+            lag_ms=None if self.last_lag is None else int(self.last_lag * 1000),
+        )
+
     # ---- the broker side ------------------------------------------------------------------------
 
     def subscriptions(self) -> list[str]:
@@ -252,6 +259,9 @@ class Replica:
                     self._applies_event.set()
                 case Drop():
                     self._drop(action)
+
+    def update_gauges(self) -> None:
+        """Set the gauges that take a pass over every entity (called when metrics are read)."""
         self.metrics.sync_pending.set(self.state.pending())
         self.metrics.sync_queued.set(len(self._dirty) + len(self._applies))
 
@@ -298,7 +308,6 @@ class Replica:
                 batch: list[Apply | Remove] = []
                 for entity_id in list(self._applies)[:APPLY_BATCH]:
                     batch.append(self._applies.pop(entity_id))
-                self.metrics.sync_queued.set(len(self._dirty) + len(self._applies))
                 started = self._clock()
                 try:
                     await self.backend.apply(batch)
@@ -344,7 +353,6 @@ class Replica:
                                                name=f"hasync[{self.node}].sync-publish")
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
-                    self.metrics.sync_queued.set(len(self._dirty) + len(self._applies))
         finally:
             for task in inflight:
                 task.cancel()

@@ -128,7 +128,7 @@ class Throttle:
         if entry.passed is not None and _within_deadband(entry.passed, value, rule.deadband):
             entry.held = None  # close enough to what the bus has: nothing to pass on
             return False
-        if now - entry.passed_at < rule.min_interval:
+        if now < entry.passed_at + rule.min_interval:  # the same sum as next_due(): no rounding gap
             entry.held = value
             return False
         entry.passed, entry.passed_at, entry.held = value, now, None
@@ -142,7 +142,7 @@ class Throttle:
         """Held values whose interval has passed, to pass on now."""
         out: list[tuple[str, tuple[str, Any]]] = []
         for entity_id, entry in self._entries.items():
-            if entry.held is not None and entry.rule is not None and now - entry.passed_at >= entry.rule.min_interval:
+            if entry.held is not None and entry.rule is not None and now >= entry.passed_at + entry.rule.min_interval:
                 out.append((entity_id, entry.held))
                 entry.passed, entry.passed_at, entry.held = entry.held, now, None
         return out

@@ -91,6 +91,7 @@ class ClusterView:
                 "heartbeat_age_s": age,
                 "heartbeat_wall_age_s": round(time.time() - hb.sent_at, 1) if hb.sent_at else None,
                 "version": hb.agent_version,
+                "sync": None if hb.sync is None else hb.sync.model_dump(),
             })
         return rows
 
