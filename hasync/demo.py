@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -36,6 +40,7 @@ class DemoNode:
     priority: int
     events: Path
     log: Path
+    http_port: int = 0
     process: asyncio.subprocess.Process | None = None
 
     def read_events(self) -> list[dict[str, Any]]:
@@ -115,15 +120,66 @@ async def run_demo(nodes: int = 3, duration: float | None = None) -> int:
                 await _stop_all(demo)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 async def _start(node: DemoNode, url: str) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    node.http_port = _free_port()
+    # Entity sync with the memory backend: each agent holds the "helpers" a user sets through its HTTP API.
+    config = node.events.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump({"sync": {"backend": "memory"}, "homeassistant": {"discovery": False}}))
     with node.log.open("w") as log:
         node.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hasync", "agent", "--broker", url, "--cluster", CLUSTER,
-            "--node-id", node.name, "--priority", str(node.priority), "--http-port", "0",
+            sys.executable, "-m", "hasync", "agent", "--config", str(config), "--broker", url, "--cluster", CLUSTER,
+            "--node-id", node.name, "--priority", str(node.priority), "--http-port", str(node.http_port),
             "--events-file", str(node.events), "--log-level", "INFO",
             stdout=log, stderr=log, env=env,
         )
+
+
+async def _set_entity(node: DemoNode, entity_id: str, state: str) -> None:
+    async with aiohttp.ClientSession() as http, http.put(
+        f"http://127.0.0.1:{node.http_port}/sync/entities", data=json.dumps({entity_id: {"state": state}})
+    ) as response:
+        response.raise_for_status()
+
+
+async def _entity(node: DemoNode, entity_id: str) -> str | None:
+    try:
+        async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{node.http_port}/sync/entities"
+        ) as response:
+            value = (await response.json()).get(entity_id)
+    except aiohttp.ClientError:
+        return None
+    return value.get("state") if isinstance(value, dict) else None
+
+
+async def _sync(demo: Demo, source: DemoNode, entity_id: str, state: str) -> bool:
+    """Set an entity on ``source`` as a user would; say how long until every other live node holds it."""
+    others = [n for n in demo.nodes if n is not source and n.process and n.process.returncode is None]
+    started = time.monotonic()
+    await _set_entity(source, entity_id, state)
+    try:
+        async with asyncio.timeout(min(10, demo.remaining())):
+            while True:
+                values = await asyncio.gather(*(_entity(n, entity_id) for n in others))
+                if all(v == state for v in values):
+                    break
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        demo.say(f"[red]{entity_id} = {state} did not reach every node in time[/]")
+        return False
+    took = (time.monotonic() - started) * 1000
+    demo.say(f"[green]state sync:[/] {entity_id} = {state} set on {source.name}, on "
+             f"{', '.join(n.name for n in others)} within {took:.0f} ms (polled over HTTP)")
+    demo.results.append((f"state sync from {source.name}", f"{entity_id} = {state} everywhere in {took:.0f} ms"))
+    return True
 
 
 async def _stop_all(demo: Demo) -> None:
@@ -171,9 +227,11 @@ async def _scenario(demo: Demo, url: str) -> int:
                  f"{first['t'] - t0:.2f} s after start")
         demo.results.append(("first election", f"{leader.name}, {first['t'] - t0:.2f} s after start"))
 
-        # Give the others a moment to see the leader, then crash it.
+        # Give the others a moment to see the leader; a user switches a helper on the primary; crash it.
         await _wait_for(lambda: len([r for r in view.rows(time.monotonic()) if r["role"] == "standby"])
                         >= len(demo.nodes) - 1, min(10, demo.remaining()))
+        if not await _sync(demo, leader, "input_boolean.porch_light", "on"):
+            return 1
         demo.say(f"[red]kill -9 {leader.name}[/] (pid {leader.process.pid if leader.process else '?'})")
         t_kill = time.monotonic()
         assert leader.process is not None
@@ -186,6 +244,12 @@ async def _scenario(demo: Demo, url: str) -> int:
         demo.say(f"[green]failover: {promo['node']} is primary[/] (term {promo['term']}) "
                  f"{failover * 1000:.0f} ms after the kill")
         demo.results.append(("crash failover (kill -9)", f"{failover * 1000:.0f} ms -> {promo['node']}"))
+        successor = next(n for n in demo.nodes if n.name == promo["node"])
+        held = await _entity(successor, "input_boolean.porch_light")
+        demo.say(f"the new primary {successor.name} holds input_boolean.porch_light = {held}")
+        demo.results.append(("state after the failover", f"{successor.name}: input_boolean.porch_light = {held}"))
+        if held != "on":
+            return 1
 
         new_leader = promo["node"]
         await asyncio.sleep(0.5)  # let the dashboard show the new state before the handover
@@ -199,6 +263,9 @@ async def _scenario(demo: Demo, url: str) -> int:
         demo.say(f"[green]handover: {promo2['node']} is primary[/] (term {promo2['term']}) "
                  f"{handover * 1000:.0f} ms after the request")
         demo.results.append(("graceful handover", f"{handover * 1000:.0f} ms -> {promo2['node']}"))
+        standby = next((n for n in demo.nodes if n.name != promo2["node"] and n is not leader), None)
+        if standby is not None and not await _sync(demo, standby, "input_number.thermostat", "21.5"):
+            return 1
         await asyncio.sleep(0.5)
         refresher.cancel()
 
