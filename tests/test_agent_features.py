@@ -160,6 +160,7 @@ def test_demo_runs_non_interactively_and_exits_zero() -> None:
     assert "crash failover" in result.stdout
     assert "graceful handover" in result.stdout
     assert "never" in result.stdout  # two primaries at once: never
+    assert "input_boolean.porch_light = on" in result.stdout.split("state after the failover")[1]
 
 
 def test_claims_the_broker_silently_drops_never_make_a_primary(tmp_path: Path, topic_prefix: str) -> None:
