@@ -84,12 +84,12 @@ def _measure(ctx: Context, bc: BenchCluster, has: dict[str, testlib.HomeAssistan
 @scenario("failover-kill-ha", "crash failover seen in Home Assistant, Mosquitto", modes=("full",))
 def ha_failover(ctx: Context) -> Result:
     name = "failover-kill-ha"
-    runs = ctx.runs(3, 10)
+    runs = ctx.runs(3, 30)
     result = Result(name, "crash failover seen in Home Assistant (2 nodes, each with its own HA), Mosquitto", (
         f"Two agents (production timings) beside two Home Assistant {testlib.ha_version()} instances, one "
         "Mosquitto. Each run kills the primary's agent with SIGKILL, waits for the other node's primary "
         "sensor to turn on in its HA, restarts the killed agent and waits until both HAs show the settled "
-        f"state again. {runs} runs (fewer than the other failover scenarios: HA makes each run slower)."))
+        f"state again. {runs} runs."))
     if not testlib.ha_installed():
         result.rows.append(Row("kill -9 → new primary's sensor on in its HA", "ms",
                                pending="TODO: not run, Home Assistant not installed (scripts/setup-ha.sh)"))

@@ -1,0 +1,102 @@
+"""The benchmark harness (``bench/``): its statistics and tables, and a tiny quick run end to end so the
+benchmarks cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from brokers import mosquitto_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves the repository root out
+    sys.path.insert(0, str(ROOT))
+
+from bench.registry import SCENARIOS, Context  # noqa: E402
+from bench.report import Row, Target, fmt, table  # noqa: E402
+from bench.stats import Summary, percentile  # noqa: E402
+
+
+def test_percentile_interpolates_linearly_between_ranks() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([4, 1, 3, 2], 0) == 1
+    assert percentile([4, 1, 3, 2], 100) == 4
+    assert percentile(list(range(1, 101)), 95) == pytest.approx(95.05)
+    assert percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+    assert percentile([7.0], 95) == 7.0
+
+
+def test_percentile_rejects_nothing_and_out_of_range() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match="within 0-100"):
+        percentile([1], 101)
+
+
+def test_summary_and_targets() -> None:
+    s = Summary.of([10, 20, 30, 40, 50])
+    assert (s.n, s.min, s.median, s.max) == (5, 10, 30, 50)
+    assert s.p95 == pytest.approx(48)
+    assert Target("median", 30).met(s)
+    assert not Target("p95", 40).met(s)
+    assert Target("median", 25, at_least=True).met(s)
+    assert Target("max", 60).describe("ms") == "max ≤ 60 ms"
+
+
+def test_table_shows_distribution_target_and_verdict() -> None:
+    rows = [
+        Row("failover", "ms", [100, 200, 300], Target("median", 300)),
+        Row("handover", "ms", [60, 70, 80], Target("median", 50)),
+        Row("plain", "msg/s", [5000.0]),
+        Row("sync", "ms", pending="pending: state sync"),
+    ]
+    lines = table(rows).splitlines()
+    assert lines[0].startswith("| metric | unit | runs | min | median | p95 | p99 | max | target | verdict |")
+    assert lines[2] == "| failover | ms | 3 | 100 | 200 | 290 | 298 | 300 | median ≤ 300 ms | met |"
+    assert lines[3].endswith("| median ≤ 50 ms | **MISSED** |")
+    assert lines[4].endswith("| — | (no target) |")
+    assert lines[5].endswith("| pending: state sync |")
+    assert [fmt(v) for v in (0.0123, 1.5, 12.34, 1234.5, 3.0)] == ["0.012", "1.50", "12.3", "1,234", "3"]
+
+
+def test_runs_override_and_registry(tmp_path: Path) -> None:
+    assert Context("quick", tmp_path).runs(5, 30) == 5
+    assert Context("full", tmp_path).runs(5, 30) == 30
+    assert Context("full", tmp_path, runs_override=2).runs(5, 30) == 2
+    import bench.scenarios  # registers them
+
+    assert bench.scenarios.__all__
+    for name in ("failover-kill-mosquitto", "failover-stop-amqtt", "handover-command-mosquitto",
+                 "broker-restart-amqtt", "footprint", "mqtt-baseline-mosquitto", "failover-kill-ha", "sync-latency"):
+        assert name in SCENARIOS
+    assert SCENARIOS["failover-kill-ha"].modes == ("full",)
+
+
+@pytest.mark.integration
+@pytest.mark.mosquitto
+@pytest.mark.timeout(300)
+def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    out = tmp_path / "B.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--runs", "2", "--only", "failover-kill-mosquitto", "footprint",
+         "sync-latency", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    report = out.read_text()
+    assert "QUICK MODE" in report
+    assert "FAILURES" not in report
+    for heading in ("## Machine", "## Timings", "## Summary", "## Two primaries at once?", "## How to reproduce"):
+        assert heading in report
+    assert re.search(r"\| CPU \| .+ logical cores \|", report)
+    number = r"[\d,.]+"
+    assert re.search(rf"\| kill -9 → new primary confirmed \| ms \| 2 \| {number} \| {number} \|", report)
+    for metric in ("RSS, primary", "RSS, standby", "CPU, primary", "CPU, standby"):
+        assert re.search(rf"\| {metric} \| (MiB|%) \| \d+ \| {number} \| {number} \|", report), metric
+    assert "| failover-kill-mosquitto | 2 | 0 | 0.0 ms |" in report  # zero overlap in both runs
+    assert "pending: state sync" in report
