@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import scenarios, testlib
+from .analysis import ANALYSIS
 from .cluster import timings_text
 from .registry import SCENARIOS, Context
 from .report import Report, Result, load_average, machine
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         timings=timings_text(),
         started=datetime.datetime.now(datetime.UTC),
         load_start=load_average(),
-        extra_sections=[("How to reproduce", REPRODUCE)],
+        extra_sections=[("What bounds the figures", ANALYSIS), ("How to reproduce", REPRODUCE)],
     )
     started = time.monotonic()
     ctx.log(f"mode {args.mode}: {', '.join(names)}; work directory {workdir}")

@@ -91,11 +91,14 @@ class BenchCluster:
         self.priorities = nodes
         self.settings = {**production_settings(), **settings}
         self.deaths: dict[str, float] = {}  # "node#incarnation" -> time of its kill -9
+        # When each agent last started or lost its connection: see ``stable_leader``.
+        self.connected_since: dict[str, float] = {}
 
     def __enter__(self) -> BenchCluster:
         try:
             for node, priority in self.priorities.items():
                 self.cluster.add(node, priority=priority, **self.settings)
+                self.connected_since[node] = time.monotonic()
         except BaseException:
             self.close()
             raise
@@ -130,9 +133,22 @@ class BenchCluster:
     def tenures(self) -> list[Tenure]:
         return tenures(self.events(), time.monotonic(), self.deaths)
 
+    def reconnected(self, at: float) -> None:
+        """Every agent lost its connection and connects again from ``at`` (the broker restarted)."""
+        self.connected_since = dict.fromkeys(self.connected_since, at)
+
     def stable_leader(self) -> str | None:
-        """The primary, if the cluster is quiet: every agent alive, connected, eligible (done observing,
-        no step-down holdoff), all following one primary, and only that one with an open tenure."""
+        """The primary, if the cluster is quiet: every agent alive, connected, eligible (no step-down
+        holdoff), all following one primary, and only that one with an open tenure.
+
+        Also, every agent started (or reconnected) more than a lease (+1.5 s to start up) ago. A node
+        that has seen a primary reports itself eligible at once, but may claim only after observing a
+        full lease since it connected: a peer that ranks below it then waits a claim_stagger for it in
+        vain. Runs are meant to measure the steady state, not that window."""
+        now = time.monotonic()
+        settle = self.settings["election"]["lease_duration"] + 1.5
+        if any(now - since < settle for since in self.connected_since.values()):
+            return None
         statuses = {}
         for node, agent in self.agents.items():
             if not agent.alive:
@@ -144,7 +160,6 @@ class BenchCluster:
         primaries = [n for n, s in statuses.items() if s.get("primary")]
         if len(primaries) != 1 or any(s.get("leader") != primaries[0] for s in statuses.values()):
             return None
-        now = time.monotonic()
         acting = [t.node.split("#")[0] for t in self.tenures() if t.end >= now]
         return primaries[0] if acting == primaries else None
 
@@ -213,6 +228,7 @@ class BenchCluster:
         if agent.process is not None and agent.process.poll() is None:
             raise RuntimeError(f"{node} is still running")
         agent.start()
+        self.connected_since[node] = time.monotonic()
 
 
 class CommandSender:

@@ -1,0 +1,36 @@
+"""What bounds the figures: findings from investigating the runs, printed in the report.
+
+These are observations about hasync as it was when they were made (see the report's git commit); a
+change to hasync's MQTT layer or election can make them stale, so re-check them when a figure moves.
+"""
+
+ANALYSIS = """\
+Investigated on 2026-11-22 (hasync at 06ea54d plus the uncommitted state-sync work in progress), with the
+agents at log level DEBUG (JSON logs with millisecond timestamps) and `py-spy dump`:
+
+- **Crash failover and graceful handover on Mosquitto are bounded by TCP round trips held by Nagle's
+  algorithm, not by hasync's logic.** After the trigger (the Last Will, or the release naming the
+  successor) the new primary needs two round trips through the broker: its claim must come back, then
+  its first renewal must come back (`promote` is logged only then). In the logs, each echo arrives
+  ~42 ms after the publish in most runs. The agents' sockets have Nagle's algorithm on (paho-mqtt, under
+  aiomqtt, does not set `TCP_NODELAY`): a small publish written while an earlier small write (a PUBACK
+  for the release or a heartbeat, the heartbeat published with the claim) is still unacknowledged waits
+  for the broker's delayed ACK, 40 ms minimum on Linux. Runs where nothing was pending take 5-10 ms
+  (the bimodal distributions above: ~8 ms or ~90 ms). Experiment, without changing hasync: setting
+  `TCP_NODELAY` on the agents' sockets (a `sitecustomize` wrapping `socket.create_connection`, on
+  `PYTHONPATH`) brought step-down handovers to 5-43 ms (median ~14 ms, 8 runs) and kill -9 failovers
+  to 6-10 ms when the best standby claimed first. Mosquitto's `set_tcp_nodelay true` alone changed
+  nothing measurable: the held writes are the clients'.
+- **A node that just (re)connected reports itself eligible before it may claim.** After seeing a
+  primary its heartbeat and `/healthz` say `eligible: true` at once, but it may claim only after
+  observing a full lease (3 s) since it connected. If the primary fails in that window, a lower-ranked
+  peer waits one `claim_stagger` (150 ms) for it in vain (seen as 160-300 ms failovers before the
+  benchmark waited `lease_duration` + 1.5 s after every agent start).
+- **Hang failover** is bounded by design: the followers wait `lease_duration` (3 s) of silence after the
+  last renewal they received (0-0.5 s before the SIGSTOP), then claim and need the two echoes; 2.5-3.2 s
+  expected, target `lease + 0.5 s`.
+- **Broker restart** is bounded by design: reconnect backoff (first attempt after 0.2 s, with jitter),
+  then a full lease of observation after reconnecting before anyone may claim: about 3.2-3.5 s.
+- **amqtt** forwards more slowly than Mosquitto and its tail is long under load (in one trial run its
+  p95 at 1,000 msg/s was 2.7 s, in another the worst message took 17 ms): it is the development broker.
+"""
