@@ -38,7 +38,8 @@ The rules
    ``Drop("stale")``. A stamp too far ahead of the local wall clock is refused: ``Drop("clock_drift")``.
 2. **Applying.** Whenever ``local`` is known and differs from ``best``, the node emits ``Apply`` (``Remove`` for
    a tombstone) with ``best``'s version, one at a time per entity. The caller answers ``AppliedRemote`` (HA
-   now holds that version) or ``ApplyFailed`` (retried on the next ``Tick``). Versions that arrive meanwhile
+   now holds that version) or ``ApplyFailed`` (retried on the next ``Tick``, or as soon as HA reports a change
+   of the entity or a new snapshot). Versions that arrive meanwhile
    are not queued: after the answer, the node applies whatever ``best`` is then. Nothing is applied when HA
    already holds the value (state and attributes compared), so HA sees no spurious writes.
 3. **Local changes.** ``LocalChange`` and ``EntityRemoved`` (the caller has filtered out the changes it caused
@@ -213,8 +214,21 @@ def compare(a: EntityRecord | None, b: EntityRecord | None) -> int:
 def _same_value(a: Value | None, b: Value | None) -> bool:
     if a is None or b is None:
         return a is b
-    # Canonical JSON, not ==: 1 == 1.0 == True in Python, but HA would show them differently.
-    return a[0] == b[0] and _canonical(a[1]) == _canonical(b[1])
+    return a[0] == b[0] and _same_json(a[1], b[1])
+
+
+def _same_json(x: object, y: object) -> bool:
+    """Equal as JSON values, types included: not ==, since 1 == 1.0 == True in Python but HA would show them
+    differently. (Comparing canonical JSON strings gives the same answer, at many times the cost.)"""
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, dict):
+        assert isinstance(y, dict)
+        return x.keys() == y.keys() and all(_same_json(v, y[k]) for k, v in x.items())
+    if isinstance(x, list):
+        assert isinstance(y, list)
+        return len(x) == len(y) and all(_same_json(v, w) for v, w in zip(x, y, strict=True))
+    return x == y
 
 
 # ---- events -------------------------------------------------------------------------------------
@@ -252,7 +266,7 @@ class AppliedRemote:
 
 @dataclass(frozen=True)
 class ApplyFailed:
-    """An ``Apply`` or ``Remove`` did not take effect; the next ``Tick`` tries again."""
+    """An ``Apply`` or ``Remove`` did not take effect; tried again on the next ``Tick`` (or sooner, rule 2)."""
 
     entity_id: str
     version: Stamp
@@ -548,6 +562,7 @@ class SyncState:
                 held[entity_id] = value if problem is None else _UNKNOWN
         for entity_id, ent in self._entities.items():
             ent.local = held.get(entity_id)
+            ent.failed = False  # HA is back (or restarted): an Apply that failed before may work now
         self._reconcile_all(now, actions)
 
     def _answered(self, entity_id: str, version: Stamp, actions: list[Action]) -> _Entity | None:

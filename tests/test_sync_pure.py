@@ -534,6 +534,16 @@ def test_a_failed_apply_is_retried_on_tick() -> None:
     assert a.handle(Tick(), T0 + 13) == [apply_of(remote)]
 
 
+def test_a_failed_apply_is_retried_at_once_when_ha_is_back() -> None:
+    """HA restarted: its new snapshot is news about HA, like a local change, so a failed apply does not wait
+    for the next Tick (a whole retry interval after HA was already back)."""
+    a = node("a", {E: ("off", {})})
+    remote = rec("on", 1)
+    a.handle(RemoteVersion(remote), T0 + 10)
+    a.handle(ApplyFailed(E, remote.version, "not connected to Home Assistant"), T0 + 11)
+    assert a.handle(LocalSnapshot({E: ("off", {})}), T0 + 12) == [apply_of(remote)]
+
+
 def test_a_local_change_during_an_apply_wins() -> None:
     a = node("a", {E: ("off", {})})
     remote = rec("on", 1)
