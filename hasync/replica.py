@@ -78,9 +78,10 @@ from .topics import Topics
 
 logger = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 64  # publishes awaiting their acknowledgement, per session
+MAX_IN_FLIGHT = 64  # publishes awaiting their acknowledgement, per session: below mqtt.MAX_INFLIGHT
 PUBLISH_TIMEOUT = 10.0  # s; a broker that never acknowledges must not hold a slot forever
 APPLY_BATCH = 250
+SUMMARY_REFRESH = 5.0  # s between two passes over every entity for the heartbeat's counts
 MAX_RECORD_BYTES = 16 * 1024
 
 # Drops that are part of normal operation (replays, races, our own echoes): logged at DEBUG only.
@@ -137,6 +138,8 @@ class Replica:
         self._window_deadline = math.inf
         self._logged: set[tuple[str, str | None]] = set()
         self.last_lag: float | None = None
+        self._counts = (0, 0)
+        self._counts_at = -math.inf
         backend.bind(self, self.selected)
 
     # ---- queries --------------------------------------------------------------------------------
@@ -152,8 +155,13 @@ class Replica:
         }
 
     def summary(self) -> SyncSummary:
+        """For heartbeats: the counts that take a pass over every entity are refreshed every few seconds."""
+        now = self._clock()
+        if now >= self._counts_at + SUMMARY_REFRESH:
+            self._counts = (len(self.state.records()), self.state.pending())
+            self._counts_at = now
         return SyncSummary(
-            synced=self.state.synced, entities=len(self.state.records()), pending=self.state.pending(),
+            synced=self.state.synced, entities=self._counts[0], pending=self._counts[1],
             queued=len(self._dirty) + len(self._applies),
             lag_ms=None if self.last_lag is None else int(self.last_lag * 1000),
         )

@@ -219,7 +219,10 @@ class MosquittoProcess(BrokerProcess):
             "allow_anonymous true",
             f"log_dest file {self.log_path}",
             "log_type all",
-            "max_queued_messages 10000",
+            # As in broker/mosquitto.conf: a joiner receives every retained entity record at once.
+            "max_queued_messages 50000",
+            "max_inflight_messages 100",
+            "set_tcp_nodelay true",
             f"persistence {'true' if self.persistence else 'false'}",
         ]
         if self.persistence:
