@@ -32,6 +32,7 @@ from . import mqttloop, testlib
 from .cluster import poll
 from .registry import Context, scenario
 from .report import Result, Row, Target
+from .stats import percentile
 
 SYNC_SETTINGS: dict[str, Any] = {
     "sync": {"backend": "memory", "max_entities": 100_000},
@@ -202,8 +203,6 @@ def throughput_row(ctx: Context, pair: Pair, result: Result, ceiling: list[float
     row = Row("max sustained updates/s (B's applies, first to last)", "updates/s", rates)
     result.rows.append(row)
     if ceiling and rates:
-        from .stats import percentile
-
         ratio = [r / percentile(ceiling, 50) for r in rates]
         result.rows.append(Row("throughput / plain aiomqtt loop (same broker, same run)", "ratio", ratio,
                                Target("median", 0.5, at_least=True)))
@@ -224,7 +223,7 @@ def snapshot_rows(ctx: Context, pair: Pair, result: Result) -> None:
             agent = pair.join(node)
             api = Api(http_port(agent))
             try:
-                def complete(api: Api = api) -> list[dict[str, Any]] | None:
+                def complete(api: Api = api, size: int = size) -> list[dict[str, Any]] | None:
                     entries = [e for e in api.all_applied() if e["entity_id"].startswith("input_boolean.snap_")]
                     return entries if len(entries) >= size else None
 

@@ -148,7 +148,7 @@ def _no_delay(client: aiomqtt.Client) -> None:
     paho opens the socket itself and leaves Nagle on: then a small publish waits for the ACK of the
     previous segment, which the peer delays up to 40 ms, and a stream of QoS 1 publishes crawls at one
     window per 40 ms."""
-    sock = client._client.socket()  # noqa: SLF001 (aiomqtt does not expose the socket)
+    sock = client._client.socket()  # aiomqtt does not expose the socket
     # An ssl.SSLSocket is a socket.socket too.
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
