@@ -68,8 +68,10 @@ The rules
    ``LocalSnapshot`` (what HA holds after a start) only sets ``local``; it never makes a version for an entity
    that has one. Where HA differs from the bus, **the bus wins**: the node cannot tell a stale HA (down while
    the others changed things) from a change made while no agent was watching, and taking the stale value
-   would undo other nodes' newer changes. An entity in the snapshot that the bus has never seen gets a
-   version of its own and is published.
+   would undo other nodes' newer changes. An entity in the snapshot that the bus has never seen (and an entity
+   that appears in HA, ``LocalChange(appeared=True)``) is published with the node's *lowest* version,
+   ``Stamp(0, 0, node)``: nobody changed that value while the node watched, so any record made anywhere beats
+   it, also one the broker failed to deliver to this node; between two such values the node ids decide.
 7. **Tombstones stick.** A removal is a record like any other. A snapshot that still contains the entity
    does not bring it back (rule 6: the node removes it); only a local change after the tombstone does, since
    its stamp is newer. Tombstones stay retained.
@@ -584,8 +586,12 @@ class SyncState:
             if ent.intent is not None:
                 self._stamp(ent, ent.intent.value, now)
                 ent.intent = None
-            elif ent.best is None and local is not _UNKNOWN:
-                self._stamp(ent, local, now)  # an entity the bus has never seen
+            elif ent.best is None and local is not _UNKNOWN and local is not None:
+                # An entity the bus has never seen, with a value nobody changed while this node watched (HA's
+                # snapshot, or a new entity's first value): it gets this node's lowest version, so that any
+                # record made anywhere beats it. Should the broker have dropped retained records on the way
+                # to this node, a stale value of HA cannot overwrite the cluster's newer one.
+                ent.best = self._make(ent.entity_id, local, Stamp(0, 0, self.node))
         best = ent.best
         if best is None:
             return

@@ -410,7 +410,7 @@ def test_after_a_restart_the_bus_wins_over_what_ha_holds() -> None:
     bus = rec("on", -100)
     assert a.handle(RemoteVersion(bus, retained=True), T0 + 1) == [apply_of(bus)]
     [record] = published(a.handle(RetainedDone(), T0 + 2))  # an entity the bus never saw gets a version
-    assert (record.entity_id, record.state, record.version) == ("counter.only_here", "3", Stamp(T0 + 2, 0, "a"))
+    assert (record.entity_id, record.state, record.version) == ("counter.only_here", "3", Stamp(0, 0, "a"))
 
 
 def test_a_snapshot_after_the_first_sync_applies_and_publishes() -> None:
@@ -422,7 +422,7 @@ def test_a_snapshot_after_the_first_sync_applies_and_publishes() -> None:
     out = a.handle(LocalSnapshot({E: ("off", {}), "counter.new": ("1", {})}), T0 + 3)
     assert out[0] == apply_of(bus)
     [record] = published(out)
-    assert (record.entity_id, record.version) == ("counter.new", Stamp(T0 + 3, 0, "a"))
+    assert (record.entity_id, record.version) == ("counter.new", Stamp(0, 0, "a"))
 
 
 def test_an_absent_entity_is_created_by_apply() -> None:
@@ -446,7 +446,24 @@ def test_an_entity_that_appears_in_ha_takes_the_bus_value() -> None:
 def test_an_entity_that_appears_and_is_new_to_the_bus_is_published() -> None:
     a = node("a")
     [record] = published(a.handle(LocalChange(E, "off", appeared=True), T0 + 4))
-    assert (record.state, record.version) == ("off", Stamp(T0 + 4, 0, "a"))
+    assert (record.state, record.version) == ("off", Stamp(0, 0, "a"))
+
+
+def test_a_value_nobody_changed_loses_to_any_record() -> None:
+    """HA's value of an entity the bus never showed this node (the broker may have dropped its retained
+    record on the way) has the node's lowest version: the record, however old, still wins when it comes."""
+    a = SyncState("a")
+    a.handle(LocalSnapshot({E: ("off", {})}), T0)
+    a.handle(Connected(), T0)
+    [floor] = published(a.handle(RetainedDone(), T0 + 1))
+    assert floor.version == Stamp(0, 0, "a")
+    late = rec("on", -10_000)  # made long before, by b
+    assert a.handle(RemoteVersion(late), T0 + 2) == [apply_of(late)]
+    assert a.record(E) == late
+    # A user's change is stamped as usual, above everything seen.
+    a.handle(AppliedRemote(E, late.version), T0 + 3)
+    [change] = published(a.handle(LocalChange(E, "off"), T0 + 4))
+    assert change.version == Stamp(T0 + 4, 0, "a")
 
 
 def test_an_entity_brought_back_after_its_tombstone_is_a_change() -> None:
