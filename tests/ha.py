@@ -39,6 +39,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -88,9 +89,14 @@ def ha_installed() -> bool:
     return (HA_VENV / "bin" / "hass").is_file() and HA_STAMP.is_file()
 
 
-def configuration(name: str, port: int) -> dict[str, Any]:
-    """HA's configuration.yaml: a minimal core without default_config, plus the helpers the tests use."""
-    return {
+def configuration(name: str, port: int, *, bulk_helpers: int = 0, recorder: bool = False) -> dict[str, Any]:
+    """HA's configuration.yaml: a minimal core without default_config, plus the helpers the tests use.
+
+    ``bulk_helpers``: that many more input_booleans, ``input_boolean.bulk_0000`` and on, off at start.
+    ``recorder``: HA's recorder (SQLite in the config dir; HA refuses an in-memory one) and its history API,
+    so a test can read every state change an entity went through, across restarts (``HomeAssistant.history``).
+    """
+    config: dict[str, Any] = {
         "homeassistant": {
             "name": name,
             "latitude": 52.52,
@@ -140,20 +146,36 @@ def configuration(name: str, port: int) -> dict[str, Any]:
             "logs": {"homeassistant.bootstrap": "info", "homeassistant.components.mqtt.discovery": "info"},
         },
     }
+    config["input_boolean"].update({bulk_entity(i).partition(".")[2]: {"name": f"Bulk {i}"}
+                                    for i in range(bulk_helpers)})
+    if recorder:
+        # commit_interval 0: every state change is readable through the history API at once.
+        config["recorder"] = {"commit_interval": 0}
+        config["history"] = None
+    return config
+
+
+def bulk_entity(i: int) -> str:
+    return f"input_boolean.bulk_{i:04d}"
 
 
 class HomeAssistant:
     """One Home Assistant instance: config dir, process, onboarding, optional MQTT config entry.
 
     ``mqtt_port``: if given, ``start()`` adds the MQTT integration for a broker on 127.0.0.1 at that port
-    (once per config dir) and returns only when its config entry is loaded.
+    (once per config dir) and returns only when its config entry is loaded. ``bulk_helpers`` and
+    ``recorder`` go to ``configuration()``.
     """
 
-    def __init__(self, workdir: Path, *, name: str, mqtt_port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, name: str, mqtt_port: int | None = None, bulk_helpers: int = 0, recorder: bool = False
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.mqtt_port = mqtt_port
+        self.bulk_helpers = bulk_helpers
+        self.recorder = recorder
         self.config_dir = workdir / "config"
         self.log_path = workdir / "hass.log"
         self.out_path = workdir / "hass.out"
@@ -164,13 +186,14 @@ class HomeAssistant:
         self._token: str | None = None
 
     @classmethod
-    def copy_of(cls, template: HomeAssistant, workdir: Path, *, name: str, mqtt_port: int | None = None) -> Self:
-        """A new instance on a copy of ``template``'s (stopped, onboarded) config dir and credentials."""
+    def copy_of(cls, template: HomeAssistant, workdir: Path, *, name: str, **options: Any) -> Self:
+        """A new instance on a copy of ``template``'s (stopped, onboarded) config dir and credentials;
+        ``options`` as for the constructor."""
         if template.running:
             raise HomeAssistantError("stop the template before copying it: HA writes .storage while it runs")
         if not template.credentials_path.is_file():
             raise HomeAssistantError(f"{template.workdir} was never onboarded")
-        copy = cls(workdir, name=name, mqtt_port=mqtt_port)
+        copy = cls(workdir, name=name, **options)
         shutil.copytree(template.config_dir, copy.config_dir)
         shutil.copy2(template.credentials_path, copy.credentials_path)
         return copy
@@ -283,6 +306,32 @@ class HomeAssistant:
     def fire_event(self, event_type: str, data: dict[str, Any] | None = None) -> None:
         self._request("POST", f"/api/events/{event_type}", data or {})
 
+    def websocket(self, *commands: dict[str, Any]) -> list[Any]:
+        """Send websocket commands (without ids) on one connection, in order; return their results.
+        Raises HomeAssistantError if HA answers one with an error."""
+        return self._websocket(list(commands), self.token)
+
+    def history(self, entity_ids: list[str], since: float, timeout: float = 15.0) -> dict[str, list[dict[str, Any]]]:
+        """Each entity's states from wall time ``since`` on, oldest first: the one it had then (if any), then
+        every change, attribute-only ones included (``{"s": state, "a": attributes, "lu": last_updated}``).
+        Needs ``recorder=True``. The recorder stores changes on a thread of its own: this polls until it has
+        stored the state each entity shows now. Entities without a state in that time are left out."""
+        start = datetime.fromtimestamp(since, UTC).isoformat()
+        command = {"type": "history/history_during_period", "start_time": start, "entity_ids": entity_ids,
+                   "significant_changes_only": False, "minimal_response": False, "no_attributes": False}
+        deadline = time.monotonic() + timeout
+        while True:
+            now = {s["entity_id"]: datetime.fromisoformat(s["last_updated"]).timestamp() for s in self.states()}
+            [result] = self.websocket(command)
+            # (An entity's state at ``since`` comes first, with ``since`` as its time.)
+            behind = [e for e in entity_ids
+                      if now.get(e, 0) > since and abs(result.get(e, [{"lu": 0}])[-1]["lu"] - now[e]) > 1e-3]
+            if not behind:
+                return dict(result)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"HA's recorder did not store the current state of {behind[:5]} within {timeout} s")
+            time.sleep(_POLL_INTERVAL)
+
     def log_tail(self, chars: int = 4000) -> str:
         """The end of HA's log of this run (or of its stdout/stderr when it died before logging)."""
         for path in (self.log_path, self.out_path):
@@ -309,7 +358,8 @@ class HomeAssistant:
 
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(configuration(self.name, self.port), sort_keys=False)
+        config = configuration(self.name, self.port, bulk_helpers=self.bulk_helpers, recorder=self.recorder)
+        text = yaml.safe_dump(config, sort_keys=False)
         (self.config_dir / "configuration.yaml").write_text(text)
 
     def _spawn(self) -> None:
@@ -362,15 +412,20 @@ class HomeAssistant:
         self._token = token
 
     def _create_long_lived_token(self, access_token: str) -> str:
+        request = {"type": "auth/long_lived_access_token", "client_name": "hasync tests", "lifespan": 3650}
+        [token] = self._websocket([request], access_token)
+        return str(token)
+
+    def _websocket(self, commands: list[dict[str, Any]], access_token: str) -> list[Any]:
         # asyncio.run() on a thread of its own: the caller may be inside a running event loop.
         with ThreadPoolExecutor(1, thread_name_prefix="ha-websocket") as pool:
-            return pool.submit(asyncio.run, self._websocket_long_lived_token(access_token)).result()
+            return pool.submit(asyncio.run, self._websocket_commands(commands, access_token)).result()
 
-    async def _websocket_long_lived_token(self, access_token: str) -> str:
+    async def _websocket_commands(self, commands: list[dict[str, Any]], access_token: str) -> list[Any]:
         async with (
             asyncio.timeout(REQUEST_TIMEOUT),
             aiohttp.ClientSession() as session,
-            session.ws_connect(f"{self.url}/api/websocket") as ws,
+            session.ws_connect(f"{self.url}/api/websocket", max_msg_size=0) as ws,
         ):
             greeting = await ws.receive_json()
             if greeting.get("type") != "auth_required":
@@ -378,12 +433,15 @@ class HomeAssistant:
             await ws.send_json({"type": "auth", "access_token": access_token})
             if (answer := await ws.receive_json()).get("type") != "auth_ok":
                 raise HomeAssistantError(f"websocket authentication answered {answer}")
-            request = {"type": "auth/long_lived_access_token", "client_name": "hasync tests", "lifespan": 3650}
-            await ws.send_json({"id": 1, **request})
-            answer = await ws.receive_json()
-            if not answer.get("success"):
-                raise HomeAssistantError(f"creating a long-lived token answered {answer}")
-            return str(answer["result"])
+            results = []
+            for msg_id, command in enumerate(commands, start=1):
+                await ws.send_json({"id": msg_id, **command})
+                while (answer := await ws.receive_json()).get("id") != msg_id or answer.get("type") != "result":
+                    pass  # an event of a subscription (none here) or a late answer
+                if not answer.get("success"):
+                    raise HomeAssistantError(f"{command['type']} answered {answer}")
+                results.append(answer.get("result"))
+            return results
 
     def _wait_running(self, deadline: float) -> None:
         """Wait for the core state RUNNING: HTTP answers while later integrations are still set up."""
@@ -459,4 +517,5 @@ class HomeAssistant:
 
 
 StartHA = Callable[..., list[HomeAssistant]]
-"""The ``start_ha`` fixture: ``start_ha(*names, mqtt_port=None)`` starts copies of the onboarded template."""
+"""The ``start_ha`` fixture: ``start_ha(*names, mqtt_port=None, **options)`` starts copies of the onboarded
+template (``options`` as for ``HomeAssistant``)."""
