@@ -18,6 +18,7 @@ from hasync.messages import (
     LeaderAnnouncement,
     LeaseRecord,
     MessageError,
+    SyncSummary,
     View,
     parse,
 )
@@ -251,9 +252,11 @@ def test_heartbeat_defaults_and_round_trip() -> None:
     full = Heartbeat(**heartbeat(
         role="primary", view=View(term=7, seq=42), leader="ha-1", priority=100, preempt=False, healthy=True,
         eligible=True, maintenance=True, checks={"ha-api": True, "disk": False}, agent_version="0.1.0",
-        sent_at=1700000000.25,
+        sync=SyncSummary(synced=True, entities=12, pending=1, queued=0, lag_ms=3), sent_at=1700000000.25,
     ))
     assert json.loads(full.to_payload())["view"] == {"term": 7, "seq": 42}
+    assert json.loads(full.to_payload())["sync"] == {"synced": True, "entities": 12, "pending": 1, "queued": 0,
+                                                     "lag_ms": 3}
     assert parse(Heartbeat, full.to_payload()) == full
 
 
@@ -272,6 +275,8 @@ def test_the_last_will_is_the_same_heartbeat_offline() -> None:
         heartbeat(view={"term": 1}),
         heartbeat(view={"term": 1, "seq": 1, "x": 1}),
         heartbeat(checks={"ha": "up"}),
+        heartbeat(sync={"synced": True, "entities": -1, "pending": 0, "queued": 0}),
+        heartbeat(sync={"synced": True, "entities": 1, "pending": 0}),
     ],
 )
 def test_invalid_heartbeats(fields: dict[str, Any]) -> None:
