@@ -201,7 +201,7 @@ class BenchCluster:
         new = [t for t in all_tenures if t.start >= since]
         if new:
             latest = new[-1]
-            before = [t.end for t in all_tenures if t.start < latest.start and t.node != latest.node]
+            before = [t.end for t in all_tenures if t.start < latest.start]  # the same node's, too
             if before:
                 gap = latest.start - max(before)
         return Audit(found, gap)
