@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         timings=timings_text(),
         started=datetime.datetime.now(datetime.UTC),
         load_start=load_average(),
+        not_run=[] if args.only else [n for n, s in SCENARIOS.items() if args.mode not in s.modes],
         extra_sections=[("What bounds the figures", ANALYSIS), ("How to reproduce", REPRODUCE)],
     )
     started = time.monotonic()

@@ -5,22 +5,21 @@ change to hasync's MQTT layer or election can make them stale, so re-check them 
 """
 
 ANALYSIS = """\
-Investigated on 2026-11-22 (hasync at 06ea54d plus the uncommitted state-sync work in progress), with the
-agents at log level DEBUG (JSON logs with millisecond timestamps) and `py-spy dump`:
+Investigated on 2026-11-22 with the agents at log level DEBUG (JSON logs with millisecond timestamps)
+and `py-spy dump`:
 
-- **Crash failover and graceful handover on Mosquitto are bounded by TCP round trips held by Nagle's
-  algorithm, not by hasync's logic.** After the trigger (the Last Will, or the release naming the
-  successor) the new primary needs two round trips through the broker: its claim must come back, then
-  its first renewal must come back (`promote` is logged only then). In the logs, each echo arrives
-  ~42 ms after the publish in most runs. The agents' sockets have Nagle's algorithm on (paho-mqtt, under
-  aiomqtt, does not set `TCP_NODELAY`): a small publish written while an earlier small write (a PUBACK
-  for the release or a heartbeat, the heartbeat published with the claim) is still unacknowledged waits
-  for the broker's delayed ACK, 40 ms minimum on Linux. Runs where nothing was pending take 5-10 ms
-  (the bimodal distributions above: ~8 ms or ~90 ms). Experiment, without changing hasync: setting
-  `TCP_NODELAY` on the agents' sockets (a `sitecustomize` wrapping `socket.create_connection`, on
-  `PYTHONPATH`) brought step-down handovers to 5-43 ms (median ~14 ms, 8 runs) and kill -9 failovers
-  to 6-10 ms when the best standby claimed first. Mosquitto's `set_tcp_nodelay true` alone changed
-  nothing measurable: the held writes are the clients'.
+- **Crash failover and graceful handover are two or three broker round trips.** After the trigger (the
+  Last Will, or the release naming the successor) the new primary needs its claim to come back, then
+  its first renewal to come back (`promote` is logged only then); a step-down adds the command's and
+  the release's trips. Until commit 2865457 these trips were held by Nagle's algorithm: paho-mqtt (under
+  aiomqtt) does not set `TCP_NODELAY`, so a small publish written while an earlier small write (a PUBACK,
+  the heartbeat published beside the claim) was unacknowledged waited for the broker's delayed ACK
+  (40 ms on Linux); each echo came back ~42 ms after the publish. Quick run at 06ea54d: kill -9 median
+  52-92 ms, step-down median 136 ms (target 50 ms missed). Setting `TCP_NODELAY` from outside (a
+  `sitecustomize` wrapping `socket.create_connection`) brought them to 6-10 ms and 5-43 ms; Mosquitto's
+  `set_tcp_nodelay` alone did not help. Commit 2865457 (state sync's throughput work) set `TCP_NODELAY`
+  in `hasync/mqtt.py`; the figures above are with it. If these figures jump back to ~50-150 ms, check
+  that it is still set.
 - **A node that just (re)connected reports itself eligible before it may claim.** After seeing a
   primary its heartbeat and `/healthz` say `eligible: true` at once, but it may claim only after
   observing a full lease (3 s) since it connected. If the primary fails in that window, a lower-ranked

@@ -140,12 +140,9 @@ METHOD = {
 
 
 NAGLE = (
-    "What bounds it (investigated with the agents' DEBUG logs, see BENCHMARKS.md's analysis): the new "
-    "primary needs two round trips through the broker (its claim's echo, then its first renewal's echo). "
-    "Most echoes arrive ~42 ms after the publish: the agents' sockets have Nagle's algorithm on (paho does "
-    "not set TCP_NODELAY), so a small publish written while an earlier small write (a PUBACK, the "
-    "heartbeat) is unacknowledged waits for the broker's delayed ACK (40 ms on Linux). Runs without such a "
-    "pending write take 5-10 ms.")
+    "What bounds it: the new primary needs two round trips through the broker (its claim's echo, then its "
+    "first renewal's echo). Before commit 2865457 set TCP_NODELAY on the agents' sockets, most echoes "
+    "waited ~42 ms for the broker's delayed ACK (Nagle's algorithm); see the analysis at the end.")
 WHY_MISSED = {
     "failover-kill": NAGLE,
     "handover-command": NAGLE + " A handover adds the command's and the release's trips.",
