@@ -24,7 +24,7 @@ from .report import Report, Result, load_average, machine
 
 REPRODUCE = """\
 ```sh
-./scripts/bench --full                      # everything (about an hour; installs Mosquitto and HA first)
+./scripts/bench --full                      # everything, about 40 min (installs Mosquitto and HA first)
 ./scripts/bench --quick                     # a few runs of each, a few minutes
 ./scripts/bench --only failover-kill-mosquitto footprint --runs 10 --out /tmp/B.md
 .venv/bin/python -m bench --list            # the scenarios

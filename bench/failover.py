@@ -123,7 +123,9 @@ METHOD = {
                      "restarted and rejoins as standby (it observes a full lease first).",
     "failover-stop": "The primary's agent gets SIGSTOP (a hung process: its socket stays open, no will); "
                      "the others claim after a lease of silence. After the promotion it gets SIGCONT, "
-                     "finds its deadline passed and demotes before doing anything as primary.",
+                     "finds its deadline passed and demotes before doing anything as primary. The 'no primary' row "
+                     "is the fence margin: the old primary stopped acting renew_deadline after its last echoed "
+                     "renewal, the others claimed lease_duration after receiving it (3 s - 2 s = 1 s by design).",
     "handover-command": "A `step_down` command (what `hasync step-down` and HA's button send) is published "
                         "to the primary's command topic from a client that is already connected; timed "
                         "from just before the publish. The old primary demotes, then releases naming its "

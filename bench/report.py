@@ -243,7 +243,9 @@ class Report:
                 out += [table(result.rows), ""]
             out += [f"- {n}" for n in result.notes]
             out += [f"- ❌ **{f}**" for f in result.failures]
-            out += [f"- took {result.seconds:.0f} s", ""]
+            if result.seconds >= 0.5:
+                out.append(f"- took {result.seconds:.0f} s")
+            out.append("")
         for title, text in self.extra_sections:
             out += [f"## {title}", "", text, ""]
         return "\n".join(out)
