@@ -5,6 +5,6 @@ Modules: ``stats`` (distributions), ``report`` (rows, targets, the Markdown repo
 ``registry`` (the scenarios by name: add one with ``@scenario``), ``testlib`` (a typed shim over the
 test-suite's broker, agent and Home Assistant controllers in ``tests/``), ``cluster`` (agents with
 production timings, waiting for a stable cluster, overlap of tenures), and one module per group of
-scenarios: ``failover``, ``ha_failover``, ``footprint``, ``mqttloop`` (the plain aiomqtt ceiling),
-``pending`` (state-sync scenarios still to be built).
+scenarios: ``failover``, ``ha_failover``, ``footprint`` (idle and under sync load), ``mqttloop`` (the plain
+aiomqtt ceiling), ``syncbench`` (agent-to-agent sync) and ``syncha`` (sync through real Home Assistant).
 """

@@ -15,11 +15,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import testlib
 from .cluster import BenchCluster
 from .registry import Context, scenario
 from .report import Result, Row, Target
+from .syncbench import background_load
 
 NODES = {"n1": 300, "n2": 200, "n3": 100}
 SLICE = 5.0  # seconds per CPU sample: a 10 ms clock tick is 0.2 % of it
@@ -50,7 +52,7 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
-def measure(ctx: Context, name: str, load: Load | None) -> Result:
+def measure(ctx: Context, name: str, load: Load | None, **settings: Any) -> Result:
     window = 30.0 if ctx.full else 10.0
     slices = int(window // SLICE)
     title = "agent footprint, " + ("idle" if load is None else load.name) + ", Mosquitto"
@@ -66,7 +68,7 @@ def measure(ctx: Context, name: str, load: Load | None) -> Result:
     started = time.monotonic()
     broker.start()
     try:
-        with BenchCluster(workdir / "agents", broker.url, NODES) as bc:
+        with BenchCluster(workdir / "agents", broker.url, NODES, **settings) as bc:
             leader = bc.wait_stable(timeout=60, hold=3.0)
             roles = {node: "primary" if node == leader else "standby" for node in bc.agents}
             pids = {node: agent.pid for node, agent in bc.agents.items()}
@@ -97,10 +99,22 @@ def measure(ctx: Context, name: str, load: Load | None) -> Result:
 
 @scenario("footprint", "agent footprint (RSS, CPU), idle, Mosquitto")
 def footprint_idle(ctx: Context) -> Result:
-    result = measure(ctx, "footprint", None)
-    # The load variant: ``measure(ctx, "footprint-load", Load("1,000 entity updates/s", drive_sync))``
-    # once state sync exists.
-    for what in ("RSS", "CPU"):
-        result.rows.append(Row(f"{what} under load (1,000 entity updates/s)", "MiB" if what == "RSS" else "%",
-                               pending="pending: state sync"))
+    return measure(ctx, "footprint", None)
+
+
+def _sync_load(bc: BenchCluster) -> AbstractContextManager[None]:
+    leader = bc.stable_leader()
+    assert leader is not None
+    return background_load(bc.agents[leader].http_port, 1000)
+
+
+@scenario("footprint-load", "agent footprint (RSS, CPU), 1,000 entity updates/s, Mosquitto")
+def footprint_load(ctx: Context) -> Result:
+    """The same, with entity sync (memory backend) and 1,000 changes a second made on the primary over
+    1,000 entities, which every standby applies: the primary stamps and publishes them, the standbys
+    receive and apply them."""
+    result = measure(ctx, "footprint-load", Load("1,000 entity updates/s", _sync_load),
+                     sync={"backend": "memory"})
+    result.method += " Load: 1,000 entity changes/s through the primary's HTTP API (memory sync backend), " \
+                     "applied by both standbys."
     return result

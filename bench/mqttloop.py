@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,17 @@ def topic(prefix: str, i: int) -> str:
     return f"{prefix}/sensor.bench_{i % ENTITIES:05d}"
 
 
+def no_delay(client: aiomqtt.Client) -> None:
+    """TCP_NODELAY, as the agents set it (hasync.mqtt): the ceiling must not be held back by Nagle."""
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# Results of this process's runs by broker kind, so the sync scenarios compare against the same run's loop.
+RESULTS: dict[str, Result] = {}
+
+
 # ---- the subscriber process ------------------------------------------------------------------------
 
 
@@ -65,6 +77,7 @@ async def subscribe(host: str, port: int, prefix: str, *, expect: int, idle: flo
     first = last = 0
     async with aiomqtt.Client(host, port, identifier=f"bench-sub-{uuid.uuid4().hex[:8]}",
                               logger=QUIET) as client:
+        no_delay(client)
         await client.subscribe(f"{prefix}/#", qos=1)
         print("READY", flush=True)
         iterator = aiter(client.messages)
@@ -101,6 +114,7 @@ async def publish(host: str, port: int, prefix: str, count: int, rate: float | N
 
     async with aiomqtt.Client(host, port, identifier=f"bench-pub-{uuid.uuid4().hex[:8]}", logger=QUIET,
                               max_inflight_messages=IN_FLIGHT, max_queued_outgoing_messages=0) as client:
+        no_delay(client)
         # amqtt can take seconds to answer right after the previous phase's clients left; that must not
         # count as the latency of this phase's first messages.
         warmup = time.monotonic()
@@ -177,7 +191,7 @@ def run_loop(ctx: Context, broker_kind: str) -> Result:
         f"Retained QoS 1 publishes of ~{len(payload(0, 0))}-byte JSON states to {ENTITIES} per-entity topics, "
         f"subscriber in its own process. Paced phases last {seconds} s each (the runs column counts messages); "
         f"the flat-out phase sends {flat_out:,} messages with up to {IN_FLIGHT} unacknowledged, "
-        f"{repeats} time(s)."))
+        f"{repeats} time(s). Both clients set TCP_NODELAY, as the agents do."))
     workdir = ctx.workdir / name
     workdir.mkdir(parents=True, exist_ok=True)
     broker = testlib.mosquitto(workdir / "broker") if broker_kind == "mosquitto" else testlib.amqtt(workdir / "broker")
@@ -206,6 +220,7 @@ def run_loop(ctx: Context, broker_kind: str) -> Result:
     finally:
         broker.stop()
     result.seconds = time.monotonic() - started
+    RESULTS[broker_kind] = result
     return result
 
 

@@ -70,9 +70,11 @@ def test_runs_override_and_registry(tmp_path: Path) -> None:
 
     assert bench.scenarios.__all__
     for name in ("failover-kill-mosquitto", "failover-stop-amqtt", "handover-command-mosquitto",
-                 "broker-restart-amqtt", "footprint", "mqtt-baseline-mosquitto", "failover-kill-ha", "sync-latency"):
+                 "broker-restart-amqtt", "footprint", "mqtt-baseline-mosquitto", "failover-kill-ha", "sync-mosquitto",
+                 "sync-amqtt", "sync-ha", "footprint-load"):
         assert name in SCENARIOS
     assert SCENARIOS["failover-kill-ha"].modes == ("full",)
+    assert not [name for name in SCENARIOS if "pending" in name]
 
 
 @pytest.mark.integration
@@ -84,7 +86,7 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "B.md"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--runs", "2", "--only", "failover-kill-mosquitto", "footprint",
-         "sync-latency", "--out", str(out), "--workdir", str(tmp_path / "work")],
+         "sync-mosquitto", "--out", str(out), "--workdir", str(tmp_path / "work")],
         cwd=ROOT, capture_output=True, text=True, timeout=280, check=False,
     )
     assert done.returncode == 0, done.stderr[-6000:]
@@ -99,4 +101,6 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     for metric in ("RSS, primary", "RSS, standby", "CPU, primary", "CPU, standby"):
         assert re.search(rf"\| {metric} \| (MiB|%) \| \d+ \| {number} \| {number} \|", report), metric
     assert "| failover-kill-mosquitto | 2 | 0 | 0.0 ms |" in report  # zero overlap in both runs
-    assert "pending: state sync" in report
+    for metric in ("latency at 1,000 updates/s", "max sustained updates/s", "snapshot of 10,000 entities"):
+        assert re.search(rf"\| {metric}[^|]* \| [a-z/]+ \| \d+ \| {number} \| {number} \|", report), metric
+    assert "pending: state sync" not in report
