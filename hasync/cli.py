@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from .config import AgentConfig, ConfigError, load_config
 from .logs import setup_logging
@@ -108,6 +106,10 @@ def status(
     if as_json:
         click.echo(json.dumps(view.to_json(now), indent=2))
         return
+    # Only the CLI's tables need rich: imported here so that the agent process never loads it.
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"hasync cluster {cfg.cluster!r}")
     for column in ("node", "role", "term", "priority", "health", "heartbeat age", "sync"):
         table.add_column(column)
