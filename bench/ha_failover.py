@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -101,15 +100,7 @@ def ha_failover(ctx: Context) -> Result:
     started = time.monotonic()
     broker.start()
     try:
-        template = testlib.home_assistant(workdir / "ha-template", name="template")
-        try:
-            template.start()
-        finally:
-            template.stop()
-        for node in NODES:
-            has[node] = testlib.home_assistant_copy(template, workdir / node, name=node, mqtt_port=broker.port)
-        with ThreadPoolExecutor(len(has)) as pool:
-            list(pool.map(lambda ha: ha.start(), has.values()))
+        has = testlib.start_home_assistants(workdir, list(NODES), broker.port)
         ctx.log(f"{name}: Home Assistants up")
         with BenchCluster(workdir / "agents", broker.url, NODES) as bc:
             _measure(ctx, bc, has, runs, samples=samples, result=result)
@@ -119,8 +110,7 @@ def ha_failover(ctx: Context) -> Result:
         for ha in has.values():
             ctx.log(f"HA {ha.name} log:\n{ha.log_tail()}")
     finally:
-        with ThreadPoolExecutor(max(len(has), 1)) as pool:
-            list(pool.map(lambda ha: ha.stop(), has.values()))
+        testlib.stop_home_assistants(has)
         broker.stop()
     result.seconds = time.monotonic() - started
     result.overlap = (len(samples.overlap), sum(1 for o in samples.overlap if o > 0),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -50,20 +49,12 @@ def sync_ha(ctx: Context) -> Result:
         return result
     workdir = ctx.workdir / name
     broker = testlib.mosquitto(workdir / "broker")
-    has: dict[str, Any] = {}
+    has: dict[str, testlib.HomeAssistant] = {}
     samples: list[float] = []
     started = time.monotonic()
     broker.start()
     try:
-        template = testlib.home_assistant(workdir / "ha-template", name="template")
-        try:
-            template.start()
-        finally:
-            template.stop()
-        for node in ("ha_a", "ha_b"):
-            has[node] = testlib.home_assistant_copy(template, workdir / node, name=node, mqtt_port=broker.port)
-        with ThreadPoolExecutor(len(has)) as pool:
-            list(pool.map(lambda ha: ha.start(), has.values()))
+        has = testlib.start_home_assistants(workdir, ["ha_a", "ha_b"], broker.port)
         cluster = testlib.cluster(workdir / "agents", broker.url, f"bench{time.monotonic_ns()}")
         try:
             for priority, (node, ha) in zip((200, 100), has.items(), strict=True):
@@ -86,8 +77,7 @@ def sync_ha(ctx: Context) -> Result:
         result.failures.append(f"aborted after {len(samples)} runs: {exc!r}")
         ctx.log(f"{name} FAILED: {traceback.format_exc()}")
     finally:
-        with ThreadPoolExecutor(max(len(has), 1)) as pool:
-            list(pool.map(lambda ha: ha.stop(), has.values()))
+        testlib.stop_home_assistants(has)
         broker.stop()
     result.seconds = time.monotonic() - started
     result.rows.append(Row("HA A change → same value in HA B (HA's last_changed)", "ms", samples))

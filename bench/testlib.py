@@ -12,6 +12,7 @@ import importlib
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, cast
@@ -87,6 +88,7 @@ class HomeAssistant(Protocol):
     def get_state(self, entity_id: str) -> dict[str, Any] | None: ...
     def wait_for_state(self, entity_id: str, expected: str, timeout: float = 30.0) -> dict[str, Any] | None: ...
     def log_tail(self, chars: int = 4000) -> str: ...
+    def call_service(self, domain: str, service: str, data: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
 
 def free_port() -> int:
@@ -128,3 +130,22 @@ def home_assistant_copy(template: HomeAssistant, workdir: Path, *, name: str, mq
     """A copy of a stopped, onboarded instance (``HomeAssistant.copy_of``)."""
     ha = _module("ha").HomeAssistant
     return cast(HomeAssistant, ha.copy_of(template, workdir, name=name, mqtt_port=mqtt_port))
+
+
+def start_home_assistants(workdir: Path, names: list[str], mqtt_port: int) -> dict[str, HomeAssistant]:
+    """Onboard a template instance once, copy it per name (MQTT on ``mqtt_port``), start the copies at once.
+    The caller stops them with ``stop_home_assistants``, also when this raises part way."""
+    template = home_assistant(workdir / "ha-template", name="template")
+    try:
+        template.start()
+    finally:
+        template.stop()
+    has = {name: home_assistant_copy(template, workdir / name, name=name, mqtt_port=mqtt_port) for name in names}
+    with ThreadPoolExecutor(len(has)) as pool:
+        list(pool.map(lambda ha: ha.start(), has.values()))
+    return has
+
+
+def stop_home_assistants(has: dict[str, HomeAssistant]) -> None:
+    with ThreadPoolExecutor(max(len(has), 1)) as pool:
+        list(pool.map(lambda ha: ha.stop(), has.values()))
