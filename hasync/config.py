@@ -15,13 +15,21 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .election import Timing
 from .health import HealthCheckConfig
 from .hooks import HooksConfig
 from .selection import DEFAULT_DOMAINS, Selector, ThrottleRule
-from .topics import validate_prefix, validate_segment
+from .topics import ENTITY_ID, validate_prefix, validate_segment
 
 
 class ConfigError(Exception):
@@ -180,33 +188,25 @@ class HomeAssistantConfig(_Model):
         return self
 
 
+_FILTER_SHAPES = {  # field: (pattern, what it holds, an example)
+    "domains": (re.compile(r"[a-z0-9_]+"), "domains", "input_boolean"),
+    "entities": (ENTITY_ID, "entity ids", "input_boolean.guest_mode"),
+    "entity_globs": (re.compile(r"[a-z0-9_.*?\[\]!-]+"), "entity globs", "sensor.*_temperature"),
+}
+
+
 class SyncFilter(_Model):
     domains: list[str] = Field(default_factory=list)
     entities: list[str] = Field(default_factory=list)
     entity_globs: list[str] = Field(default_factory=list)
 
-    @field_validator("domains")
+    @field_validator("domains", "entities", "entity_globs")
     @classmethod
-    def _domains(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if not re.fullmatch(r"[a-z0-9_]+", v)]
+    def _shapes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        pattern, what, example = _FILTER_SHAPES[info.field_name or ""]
+        bad = [v for v in value if not pattern.fullmatch(v)]
         if bad:
-            raise ValueError(f"not domains: {', '.join(map(repr, bad))} (expected e.g. input_boolean)")
-        return value
-
-    @field_validator("entities")
-    @classmethod
-    def _entities(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if not re.fullmatch(r"[a-z0-9_]+\.[a-z0-9_]+", v)]
-        if bad:
-            raise ValueError(f"not entity ids: {', '.join(map(repr, bad))} (expected e.g. input_boolean.guest_mode)")
-        return value
-
-    @field_validator("entity_globs")
-    @classmethod
-    def _globs(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if not re.fullmatch(r"[a-z0-9_.*?\[\]!-]+", v)]
-        if bad:
-            raise ValueError(f"not entity globs: {', '.join(map(repr, bad))} (expected e.g. sensor.*_temperature)")
+            raise ValueError(f"not {what}: {', '.join(map(repr, bad))} (expected e.g. {example})")
         return value
 
 

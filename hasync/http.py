@@ -9,17 +9,17 @@ from the bus after ``SEQ``, each with its ``time.monotonic()`` (shared by the pr
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .topics import ENTITY_ID
+
 if TYPE_CHECKING:
     from .replica import MemoryBackend
 
-_ENTITY_ID = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
 
 
 class HttpServer:
@@ -99,7 +99,7 @@ class HttpServer:
         for entity_id, value in body.items():
             state = value.get("state") if isinstance(value, dict) else None
             attributes = value.get("attributes", {}) if isinstance(value, dict) else None
-            if not _ENTITY_ID.fullmatch(entity_id) or not isinstance(state, str) or not isinstance(attributes, dict):
+            if not ENTITY_ID.fullmatch(entity_id) or not isinstance(state, str) or not isinstance(attributes, dict):
                 raise web.HTTPBadRequest(text=f"{entity_id}: expected an entity id with a string state and "
                                               "an attributes object\n")
             changes.append((entity_id, state, attributes))

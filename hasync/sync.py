@@ -117,7 +117,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -134,12 +133,11 @@ from pydantic import (
 
 from .hlc import DEFAULT_MAX_DRIFT_MS, HLC, ClockDriftError, Stamp
 from .messages import Message, NodeId, Term
+from .topics import ENTITY_ID, ENTITY_ID_PATTERN
 
 Attributes = dict[str, JsonValue]
 Value = tuple[str, Attributes]  # state and attributes, as HA holds them
 
-ENTITY_ID_PATTERN = r"^[a-z0-9_]+\.[a-z0-9_]+$"
-_ENTITY_ID = re.compile(ENTITY_ID_PATTERN)
 MAX_STATE_LENGTH = 255  # Home Assistant's own limit
 
 
@@ -559,7 +557,7 @@ class SyncState:
             problem = self._invalid(entity_id, value)
             if problem is not None:
                 actions.append(Drop("invalid_local_value", entity_id, problem))
-            if _ENTITY_ID.fullmatch(entity_id) and self._entity(entity_id, actions) is not None:
+            if ENTITY_ID.fullmatch(entity_id) and self._entity(entity_id, actions) is not None:
                 # A value that cannot be a record: HA holds *something*, so never judge it absent.
                 held[entity_id] = value if problem is None else _UNKNOWN
         for entity_id, ent in self._entities.items():
@@ -647,7 +645,7 @@ class SyncState:
 
     def _invalid(self, entity_id: str, value: Value | None) -> str | None:
         """Why this local value cannot be made a record, or None."""
-        if not _ENTITY_ID.fullmatch(entity_id):
+        if not ENTITY_ID.fullmatch(entity_id):
             return f"entity id {entity_id!r} is not 'domain.object_id' (a-z, 0-9, '_')"
         if value is None:
             return None

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ENTITY_ID = re.compile(r"^[a-z0-9_]+\.[a-z0-9_]+$")
+# A Home Assistant entity id, ``domain.object_id``: the one definition every module uses.
+ENTITY_ID_PATTERN = r"^[a-z0-9_]+\.[a-z0-9_]+$"
+ENTITY_ID = re.compile(ENTITY_ID_PATTERN)
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$")
 
 
@@ -96,7 +98,7 @@ class Topics:
 
     def entity(self, entity_id: str) -> str:
         """The retained record of one mirrored entity; ``entity_id`` is ``domain.object_id``."""
-        if not _ENTITY_ID.fullmatch(entity_id):
+        if not ENTITY_ID.fullmatch(entity_id):
             raise ValueError(f"entity id {entity_id!r} must be 'domain.object_id' of a-z, 0-9 and '_'")
         return f"{self.base}/entities/{entity_id}"
 
@@ -122,6 +124,6 @@ class Topics:
                 return ParsedTopic(TopicKind.COMMAND, node)
             case ["nodes", node, "sync-marker"] if _SEGMENT.fullmatch(node):
                 return ParsedTopic(TopicKind.SYNC_MARKER, node)
-            case ["entities", entity_id] if _ENTITY_ID.fullmatch(entity_id):
+            case ["entities", entity_id] if ENTITY_ID.fullmatch(entity_id):
                 return ParsedTopic(TopicKind.ENTITY, entity_id=entity_id)
         return None
