@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+
+from hasync.mqtt import no_delay
 
 from . import testlib
 from .registry import Context, scenario
@@ -55,13 +56,6 @@ def payload(i: int, sent_ns: int) -> bytes:
 
 def topic(prefix: str, i: int) -> str:
     return f"{prefix}/sensor.bench_{i % ENTITIES:05d}"
-
-
-def no_delay(client: aiomqtt.Client) -> None:
-    """TCP_NODELAY, as the agents set it (hasync.mqtt): the ceiling must not be held back by Nagle."""
-    sock = client._client.socket()
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # Results of this process's runs by broker kind, so the sync scenarios compare against the same run's loop.

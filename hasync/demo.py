@@ -52,6 +52,7 @@ class Demo:
     console: Console
     live: bool
     deadline: float
+    http: aiohttp.ClientSession
     nodes: list[DemoNode] = field(default_factory=list)
     results: list[tuple[str, str]] = field(default_factory=list)
 
@@ -104,9 +105,10 @@ def _overlaps(nodes: list[DemoNode], end: float, deaths: dict[str, float]) -> li
 async def run_demo(nodes: int = 3, duration: float | None = None) -> int:
     console = Console()
     interactive = duration is None and sys.stdout.isatty()
-    demo = Demo(console, live=interactive, deadline=time.monotonic() + (duration or 120.0))
     with tempfile.TemporaryDirectory(prefix="hasync-demo-") as tmp:
-        async with EmbeddedBroker(host="127.0.0.1", port=0) as broker:
+        # One HTTP session for every call to the agents' sync API (set and read entities).
+        async with EmbeddedBroker(host="127.0.0.1", port=0) as broker, aiohttp.ClientSession() as http:
+            demo = Demo(console, live=interactive, deadline=time.monotonic() + (duration or 120.0), http=http)
             url = f"mqtt://127.0.0.1:{broker.port}"
             demo.say(f"embedded amqtt broker on {url}")
             demo.nodes = [
@@ -142,16 +144,16 @@ async def _start(node: DemoNode, url: str) -> None:
         )
 
 
-async def _set_entity(node: DemoNode, entity_id: str, state: str) -> None:
-    async with aiohttp.ClientSession() as http, http.put(
+async def _set_entity(http: aiohttp.ClientSession, node: DemoNode, entity_id: str, state: str) -> None:
+    async with http.put(
         f"http://127.0.0.1:{node.http_port}/sync/entities", data=json.dumps({entity_id: {"state": state}})
     ) as response:
         response.raise_for_status()
 
 
-async def _entity(node: DemoNode, entity_id: str) -> str | None:
+async def _entity(http: aiohttp.ClientSession, node: DemoNode, entity_id: str) -> str | None:
     try:
-        async with aiohttp.ClientSession() as http, http.get(
+        async with http.get(
             f"http://127.0.0.1:{node.http_port}/sync/entities"
         ) as response:
             value = (await response.json()).get(entity_id)
@@ -164,11 +166,11 @@ async def _sync(demo: Demo, source: DemoNode, entity_id: str, state: str) -> boo
     """Set an entity on ``source`` as a user would; say how long until every other live node holds it."""
     others = [n for n in demo.nodes if n is not source and n.process and n.process.returncode is None]
     started = time.monotonic()
-    await _set_entity(source, entity_id, state)
+    await _set_entity(demo.http, source, entity_id, state)
     try:
         async with asyncio.timeout(min(10, demo.remaining())):
             while True:
-                values = await asyncio.gather(*(_entity(n, entity_id) for n in others))
+                values = await asyncio.gather(*(_entity(demo.http, n, entity_id) for n in others))
                 if all(v == state for v in values):
                     break
                 await asyncio.sleep(0.005)
@@ -245,7 +247,7 @@ async def _scenario(demo: Demo, url: str) -> int:
                  f"{failover * 1000:.0f} ms after the kill")
         demo.results.append(("crash failover (kill -9)", f"{failover * 1000:.0f} ms -> {promo['node']}"))
         successor = next(n for n in demo.nodes if n.name == promo["node"])
-        held = await _entity(successor, "input_boolean.porch_light")
+        held = await _entity(demo.http, successor, "input_boolean.porch_light")
         demo.say(f"the new primary {successor.name} holds input_boolean.porch_light = {held}")
         demo.results.append(("state after the failover", f"{successor.name}: input_boolean.porch_light = {held}"))
         if held != "on":

@@ -134,7 +134,7 @@ async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -
         raise ConnectionLost(f"TLS setup failed: {exc}") from exc
     try:
         async with client:
-            _no_delay(client)
+            no_delay(client)
             yield Session(client)
     except aiomqtt.MqttError as exc:
         raise _translate(exc) from exc
@@ -142,7 +142,7 @@ async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -
         raise ConnectionLost(str(exc)) from exc
 
 
-def _no_delay(client: aiomqtt.Client) -> None:
+def no_delay(client: aiomqtt.Client) -> None:
     """Turn off Nagle's algorithm on the client's socket, as asyncio does for its own TCP connections.
 
     paho opens the socket itself and leaves Nagle on: then a small publish waits for the ACK of the

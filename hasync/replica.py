@@ -47,7 +47,7 @@ from typing import Any, Protocol
 
 from .config import SyncConfig
 from .hlc import Stamp
-from .homeassistant import HomeAssistantError, HomeAssistantLink
+from .homeassistant import CommandFailed, HomeAssistantError, HomeAssistantLink
 from .messages import MessageError, SyncSummary, parse
 from .metrics import Metrics
 from .mqtt import MqttFailure, Session, wait_or
@@ -475,13 +475,16 @@ class HomeAssistantBackend:
             self._inflight = {a.entity_id for a in chunk}
             ours: str | None = None
             error: str | None = None
+            rejected = False  # HA answered the call with an error (a bad value), rather than not answering
             try:
                 ours = await self.link.apply_states({a.entity_id: {"state": a.state, **a.attributes} for a in chunk})
+            except CommandFailed as exc:
+                error, rejected = str(exc), True
             except HomeAssistantError as exc:
                 error = str(exc)
             finally:
                 held, self._held, self._inflight = self._held, [], set()
-            if error is not None and len(chunk) > 1 and "not connected" not in error.lower():
+            if rejected and len(chunk) > 1:
                 # One bad value fails the whole call: find it by trying each entity alone.
                 self._flush(held, None, {})
                 chunks.extend([a] for a in chunk)
