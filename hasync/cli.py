@@ -13,15 +13,18 @@ from typing import Any
 
 import click
 
-from .config import AgentConfig, ConfigError, load_config
+from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 from .logs import setup_logging
-from .mqtt import MqttFailure
 from .topics import Topics
+from .transport import MqttFailure
 
 logger = logging.getLogger("hasync")
 
 
 def _load(config: Path | None, overrides: dict[tuple[str, ...], Any]) -> AgentConfig:
+    """The config file given, else /etc/hasync/hasync.yaml if it exists; then environment and flags."""
+    if config is None and DEFAULT_CONFIG_PATH.is_file():
+        config = DEFAULT_CONFIG_PATH
     try:
         return load_config(config, overrides=overrides)
     except ConfigError as exc:
@@ -29,8 +32,14 @@ def _load(config: Path | None, overrides: dict[tuple[str, ...], Any]) -> AgentCo
         sys.exit(2)
 
 
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"hasync: {message}", err=True)
+    sys.exit(code)
+
+
 _common = [
-    click.option("--config", "-c", "config", type=click.Path(path_type=Path), help="YAML config file."),
+    click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+                 help=f"YAML config file [default: {DEFAULT_CONFIG_PATH} if it exists]."),
     click.option("--broker", help="Broker URL, mqtt://host:port or mqtts://host:port [HASYNC_BROKER]."),
     click.option("--cluster", help="Cluster name [HASYNC_CLUSTER]."),
     click.option("--topic-prefix", help="Topic prefix (default hasync) [HASYNC_TOPIC_PREFIX]."),
@@ -69,7 +78,7 @@ def agent(
         ("log", "format"): log_format, ("log", "level"): log_level, ("events_file",): events_file,
     })
     setup_logging(cfg.log.format, cfg.log.level)
-    from .agent import Agent
+    from .agent import Agent, AgentError
 
     async def run() -> None:
         node = Agent(cfg)
@@ -81,7 +90,10 @@ def agent(
         await node.run()
         logger.info("hasync agent %s stopped", cfg.node_id)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except AgentError as exc:
+        _fail(f"cannot start the agent: {exc}")
 
 
 @main.command()
@@ -139,16 +151,40 @@ def step_down(
     config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None,
     node: str, successor: str | None,
 ) -> None:
-    """Ask a node to hand leadership over gracefully (for updates and maintenance)."""
+    """Ask the primary to hand leadership over gracefully (for updates and maintenance).
+
+    The node then holds back from taking leadership back from worse nodes (preemption) until it restarts
+    or is told to with `hasync resume`."""
     cfg = _load(config, {("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix})
-    from .status import send_step_down
+    from .status import CommandRefused, checked_command
 
     try:
-        asyncio.run(send_step_down(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, successor))
+        asyncio.run(checked_command(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, "step_down",
+                                    successor=successor))
+    except CommandRefused as exc:
+        _fail(f"not sent: {exc}")
     except (MqttFailure, ValueError) as exc:
-        click.echo(f"hasync: {exc}", err=True)
-        sys.exit(1)
-    click.echo(f"asked {node} to step down")
+        _fail(str(exc))
+    click.echo(f"asked {node} to step down" + (f" to {successor}" if successor else ""))
+
+
+@main.command()
+@common
+@click.option("--node", required=True, help="The node that stepped down.")
+def resume(
+    config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None, node: str,
+) -> None:
+    """Let a node that stepped down take leadership back from worse nodes again (after preempt_delay)."""
+    cfg = _load(config, {("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix})
+    from .status import CommandRefused, checked_command
+
+    try:
+        asyncio.run(checked_command(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, "resume"))
+    except CommandRefused as exc:
+        _fail(f"not sent: {exc}")
+    except (MqttFailure, ValueError) as exc:
+        _fail(str(exc))
+    click.echo(f"told {node} it may take leadership back")
 
 
 @main.command()
@@ -191,8 +227,7 @@ def broker(host: str, port: int, log_level: str) -> None:
     try:
         asyncio.run(run())
     except EmbeddedBrokerError as exc:
-        click.echo(f"hasync: cannot start the broker on {host}:{port}: {exc}", err=True)
-        sys.exit(1)
+        _fail(str(exc))
 
 
 @main.command()

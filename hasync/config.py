@@ -1,17 +1,20 @@
 """Agent configuration: a YAML file, overridden by ``HASYNC_*`` environment variables, then by flags.
 
 ``load_config`` returns a validated ``AgentConfig`` or raises ``ConfigError`` whose message names each
-offending key and what is wrong with it.
+offending key and what is wrong with it. The models here import no I/O module: the health checks and
+hooks that read their sections (``hasync.health``, ``hasync.hooks``) import them from here.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 import os
 import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -26,10 +29,11 @@ from pydantic import (
 )
 
 from .election import Timing
-from .health import HealthCheckConfig
-from .hooks import HooksConfig
-from .selection import DEFAULT_DOMAINS, Selector, ThrottleRule
+from .sync.selection import DEFAULT_DOMAINS, Selector, ThrottleRule
 from .topics import ENTITY_ID, validate_prefix, validate_segment
+
+# Where the agent and the command line look for their configuration when none is given.
+DEFAULT_CONFIG_PATH = Path("/etc/hasync/hasync.yaml")
 
 
 class ConfigError(Exception):
@@ -114,16 +118,149 @@ class BrokerConfig(_Model):
         return f"{parts.scheme}://{host}"
 
 
+_CHECK_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class _CheckBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 2
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _CHECK_NAME.fullmatch(value):
+            raise ValueError(
+                f"check name {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.' or '-'"
+            )
+        return value
+
+    @field_validator("interval", "timeout")
+    @classmethod
+    def _positive_seconds(cls, value: float, info: ValidationInfo) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{info.field_name} must be a finite number of seconds > 0, got {value}")
+        return value
+
+    @field_validator("rise", "fall")
+    @classmethod
+    def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1 (consecutive results), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> Self:
+        if self.timeout > self.interval:
+            raise ValueError(
+                f"check {self.name!r}: timeout ({self.timeout:g}s) must not exceed interval "
+                f"({self.interval:g}s), so one run finishes before the next starts"
+            )
+        return self
+
+
+class CommandCheck(_CheckBase):
+    """Run ``command`` with ``/bin/sh -c``; exit status 0 is success."""
+
+    type: Literal["command"]
+    command: str
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("command must not be empty")
+        return value
+
+
+class HttpCheck(_CheckBase):
+    """GET ``url`` (redirects are not followed); success is a 2xx status, or one of ``expect_status``."""
+
+    type: Literal["http"]
+    url: str
+    expect_status: list[int] | None = None
+    verify_tls: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be an http:// or https:// URL with a host, got {value!r}")
+        return value
+
+    @field_validator("expect_status")
+    @classmethod
+    def _statuses(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("expect_status must list at least one status (omit it to accept any 2xx)")
+        bad = [status for status in value if not 100 <= status <= 599]
+        if bad:
+            raise ValueError(f"expect_status must hold HTTP statuses 100-599, got {bad}")
+        return value
+
+
+HealthCheckConfig = Annotated[CommandCheck | HttpCheck, Field(discriminator="type")]
+
+
+
+class HookEvent(enum.StrEnum):
+    """A role change that runs a hook (keepalived's notify_master / notify_backup / notify_fault)."""
+
+    PROMOTE = "promote"
+    DEMOTE = "demote"
+    FAULT = "fault"
+
+
+class HooksConfig(BaseModel):
+    """Shell commands to run on role changes; None disables a hook."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    promote: str | None = None
+    demote: str | None = None
+    fault: str | None = None
+    timeout: float = 30.0
+
+    @field_validator("promote", "demote", "fault")
+    @classmethod
+    def _command(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"the {info.field_name} hook is empty; leave it out (or null) to disable it")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"hook timeout must be a finite number of seconds > 0, got {value}")
+        return value
+
+    def command(self, event: HookEvent) -> str | None:
+        command: str | None = getattr(self, event.value)
+        return command
+
+
+_DEFAULT_TIMING = Timing()
+
+
 class ElectionConfig(_Model):
     """Seconds. The relations are what the safety argument needs (see hasync.election)."""
 
-    lease_duration: Annotated[float, Field(gt=0, le=600)] = 3.0
-    renew_deadline: Annotated[float, Field(gt=0, le=600)] = 2.0
-    renew_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
-    heartbeat_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
-    claim_stagger: Annotated[float, Field(ge=0, le=10)] = 0.15
-    preempt_delay: Annotated[float, Field(ge=0, le=3600)] = 10.0
-    will_fast_path: bool = True
+    # The defaults are the election's own (hasync.election.Timing): one source of truth.
+    lease_duration: Annotated[float, Field(gt=0, le=600)] = _DEFAULT_TIMING.lease_duration
+    renew_deadline: Annotated[float, Field(gt=0, le=600)] = _DEFAULT_TIMING.renew_deadline
+    renew_interval: Annotated[float, Field(gt=0, le=60)] = _DEFAULT_TIMING.renew_interval
+    heartbeat_interval: Annotated[float, Field(gt=0, le=60)] = _DEFAULT_TIMING.heartbeat_interval
+    claim_stagger: Annotated[float, Field(ge=0, le=10)] = _DEFAULT_TIMING.claim_stagger
+    preempt_delay: Annotated[float, Field(ge=0, le=3600)] = _DEFAULT_TIMING.preempt_delay
+    will_fast_path: bool = _DEFAULT_TIMING.will_fast_path
 
     @model_validator(mode="after")
     def _relations(self) -> ElectionConfig:

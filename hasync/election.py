@@ -69,7 +69,21 @@ Fast paths
   being sent at all (amqtt never sends it for a hung client).
 
 After vacancy, eligible nodes claim in rank order (priority, then node id), ``claim_stagger`` apart,
-so the best node usually wins without a contest; when two do contest, the stream decides.
+so the best node usually wins without a contest; when two do contest, the stream decides. At a cold
+start (this node has not seen a live renewal since it started), a better peer that is still observing
+(healthy, online, not in maintenance) counts in the rank too, and the node waits for the end of that
+peer's observation (at most one more lease): nodes that start together elect the best of them, rather
+than whichever claimed first and was preempted ``preempt_delay`` later.
+
+A node that was asked to step down (``StepDown``, not final) holds its preemption back until it is told
+to take it up again (``Resume``) or restarts: it may still be elected when the lease falls vacant, but
+it does not take leadership back from a worse node, which would undo the handover before an update.
+
+Numbers
+-------
+Terms and sequence numbers come from the stream, so a peer can send any value the wire allows
+(``hasync.messages.MAX_INT``). A record whose term is ``MAX_TERM`` or more is ignored, and so is a peer's
+view that far on: a node only ever adopts a term it can follow with a claim of the next one.
 
 Guarantees and assumptions
 --------------------------
@@ -88,7 +102,9 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from .messages import Heartbeat, LeaseRecord, View
+from .messages import MAX_INT, Heartbeat, LeaseRecord, NodeRole, View
+
+MAX_TERM = MAX_INT  # terms from MAX_TERM on are ignored: nothing could follow them
 
 
 class Role(enum.Enum):
@@ -108,7 +124,7 @@ class Timing:
     renew_interval: float = 0.5
     heartbeat_interval: float = 1.0
     claim_stagger: float = 0.15
-    preempt_delay: float = 5.0
+    preempt_delay: float = 10.0
     will_fast_path: bool = True
 
     def check(self) -> None:
@@ -157,11 +173,17 @@ class MaintenanceChanged:
 
 @dataclass(frozen=True)
 class StepDown:
-    """Hand leadership over gracefully. ``final`` (shutdown) also stops all future claims."""
+    """Hand leadership over gracefully. ``final`` (shutdown) also stops all future claims; otherwise the
+    node holds its preemption back until ``Resume``."""
 
     reason: str
     successor: str | None = None
     final: bool = False
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A node that stepped down may take leadership back from worse nodes again (preemption)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +199,7 @@ Event = (
     | HealthChanged
     | MaintenanceChanged
     | StepDown
+    | Resume
     | Tick
 )
 
@@ -199,9 +222,24 @@ class Promoted:
     deadline: float
 
 
+class DemotionCause(enum.StrEnum):
+    """Why a primary stopped (the label of ``hasync_demotions_total``); ``Demoted.reason`` has the details."""
+
+    DISCONNECTED = "disconnected"
+    DEADLINE = "renew_deadline"
+    DEPOSED = "deposed"
+    WILL = "own_will"
+    STEP_DOWN = "step_down"
+    SHUTDOWN = "shutdown"
+    UNHEALTHY = "unhealthy"
+    MAINTENANCE = "maintenance"
+    PREEMPTED = "preempted"
+
+
 @dataclass(frozen=True)
 class Demoted:
     term: int
+    cause: DemotionCause
     reason: str
     acting_until: float  # the last instant this node could have acted as primary
 
@@ -211,10 +249,21 @@ class Fault:
     reason: str
 
 
+class IgnoreReason(enum.StrEnum):
+    """Why a valid lease record was not accepted (the label of ``hasync_lease_records_ignored_total``)."""
+
+    OUTDATED_CLAIM = "claim names an outdated position"
+    OLDER_TERM = "older term"
+    NOT_HOLDER = "not the holder of this term"
+    RELEASED = "term already released"
+    OLDER_SEQ = "older or repeated seq"
+    TERM_LIMIT = "term at the protocol's limit"
+
+
 @dataclass(frozen=True)
 class Ignored:
     record: LeaseRecord
-    reason: str
+    reason: IgnoreReason
 
 
 @dataclass(frozen=True)
@@ -253,11 +302,70 @@ class Lease:
         return (self.term, self.seq)
 
 
+class LeaseStream:
+    """The accepted view of the lease stream, by the rules of the theory of operation. The election keeps
+    one; so does an observer such as ``hasync status``, which then agrees with the agents."""
+
+    def __init__(self) -> None:
+        self.lease: Lease | None = None
+        # Accepted a live renewal or release since (re)connecting: the reader is in step with the stream.
+        self.synced = False
+
+    def reconnected(self) -> None:
+        self.synced = False
+
+    def offer(self, rec: LeaseRecord, *, retained: bool) -> IgnoreReason | None:
+        """Apply the stream rules; None if accepted, or why the record is ignored."""
+        why = self._accept(rec)
+        if why is None and rec.kind != "claim" and not retained:
+            self.synced = True  # a live renewal or release: its holder won the term we now view
+        return why
+
+    def _accept(self, rec: LeaseRecord) -> IgnoreReason | None:
+        lease = self.lease
+        if rec.term >= MAX_TERM:
+            return IgnoreReason.TERM_LIMIT
+        if rec.kind == "claim":
+            assert rec.prev_term is not None and rec.prev_seq is not None
+            if lease is not None and (rec.prev_term, rec.prev_seq) < lease.position:
+                return IgnoreReason.OUTDATED_CLAIM
+            self.lease = Lease(rec.term, 0, rec.holder, rec.incarnation, rec.conn)
+            return None
+        if lease is None or rec.term > lease.term:
+            self.lease = Lease(
+                rec.term, rec.seq, rec.holder, rec.incarnation, rec.conn,
+                released=rec.kind == "release", successor=rec.successor,
+            )
+            return None
+        if rec.term < lease.term:
+            return IgnoreReason.OLDER_TERM
+        if rec.holder != lease.holder:
+            if lease.seq > 0 or self.synced:
+                return IgnoreReason.NOT_HOLDER
+            # Our view of this term is only a claim, read before we were in sync with the stream: we
+            # (re)connected half-way through a contest and may have missed the winning claim.
+            self.lease = Lease(
+                rec.term, rec.seq, rec.holder, rec.incarnation, rec.conn,
+                released=rec.kind == "release", successor=rec.successor,
+            )
+            return None
+        if lease.released:
+            return IgnoreReason.RELEASED
+        if rec.seq <= lease.seq:
+            return IgnoreReason.OLDER_SEQ
+        self.lease = replace(
+            lease, seq=rec.seq, incarnation=rec.incarnation, conn=rec.conn,
+            released=rec.kind == "release", successor=rec.successor,
+        )
+        return None
+
+
 @dataclass
 class Peer:
     heartbeat: Heartbeat
     received_at: float
     eligible_since: float | None = None
+    observing_since: float | None = None  # first heartbeat of its current connection that said "observing"
 
 
 @dataclass
@@ -296,21 +404,31 @@ class Election:
         self.timing.check()
         self.role = Role.DISCONNECTED
         self.conn = 0
-        self.lease: Lease | None = None
+        self.stream = LeaseStream()
         self.peers: dict[str, Peer] = {}
         self.healthy = False
         self.health_detail = "no health result yet"
         self.maintenance = False
         self.stopping = False
+        self.preempt_held = False  # stepped down: no preemption until Resume (or a restart)
+        self._cold = True  # no live renewal seen since this node started (see "cold start")
         self._connected_at = 0.0
         self._last_activity = 0.0
         self._vacant_since: float | None = None
         self._holdoff_until = 0.0
         self._leadership: _Leadership | None = None
         self._candidacy: _Candidacy | None = None
-        self._synced = False  # accepted a live renewal or release since (re)connecting
 
     # ---- queries --------------------------------------------------------------------------------
+
+    @property
+    def lease(self) -> Lease | None:
+        return self.stream.lease
+
+    @property
+    def preempting(self) -> bool:
+        """Whether this node takes leadership from a worse primary (what its heartbeat reports)."""
+        return self.preempt and not self.preempt_held
 
     def is_leader(self, now: float) -> bool:
         """True only while this node may act as primary: leader and within its renew deadline."""
@@ -372,9 +490,9 @@ class Election:
                 self._last_activity = now
                 self._vacant_since = None
                 self._candidacy = None
-                self._synced = False
+                self.stream.reconnected()
             case Disconnected(reason=reason):
-                self._drop_leadership(now, f"disconnected: {reason}", actions)
+                self._drop_leadership(now, DemotionCause.DISCONNECTED, f"disconnected: {reason}", actions)
                 self._candidacy = None
                 self.role = Role.DISCONNECTED
             case RecordReceived(record=record, retained=retained):
@@ -387,17 +505,21 @@ class Election:
                 self.health_detail = detail
                 if was and not healthy:
                     actions.append(Fault(detail or "health check failed"))
-                    self._step_down(now, f"unhealthy: {detail}", None, actions)
+                    self._step_down(now, DemotionCause.UNHEALTHY, f"unhealthy: {detail}", None, actions)
             case MaintenanceChanged(on=on):
                 self.maintenance = on
                 if on:
-                    self._step_down(now, "maintenance", None, actions)
+                    self._step_down(now, DemotionCause.MAINTENANCE, "maintenance", None, actions)
             case StepDown(reason=reason, successor=successor, final=final):
                 if final:
                     self.stopping = True
-                self._step_down(now, reason, successor, actions)
+                cause = DemotionCause.SHUTDOWN if final else DemotionCause.STEP_DOWN
+                self._step_down(now, cause, reason, successor, actions)
                 if not final:
                     self._holdoff_until = now + self.timing.lease_duration
+                    self.preempt_held = True
+            case Resume():
+                self.preempt_held = False
             case Tick():
                 pass
         self._advance(now, actions)
@@ -405,49 +527,12 @@ class Election:
 
     # ---- the stream -----------------------------------------------------------------------------
 
-    def _accept(self, rec: LeaseRecord) -> str | None:
-        """Apply the stream rules; return None if accepted, or why the record is ignored."""
-        lease = self.lease
-        if rec.kind == "claim":
-            assert rec.prev_term is not None and rec.prev_seq is not None
-            if lease is not None and (rec.prev_term, rec.prev_seq) < lease.position:
-                return "claim names an outdated position"
-            self.lease = Lease(rec.term, 0, rec.holder, rec.incarnation, rec.conn)
-            return None
-        if lease is None or rec.term > lease.term:
-            self.lease = Lease(
-                rec.term, rec.seq, rec.holder, rec.incarnation, rec.conn,
-                released=rec.kind == "release", successor=rec.successor,
-            )
-            return None
-        if rec.term < lease.term:
-            return "older term"
-        if rec.holder != lease.holder:
-            if lease.seq > 0 or self._synced:
-                return "not the holder of this term"
-            # Our view of this term is only a claim, read before we were in sync with the stream: we
-            # (re)connected half-way through a contest and may have missed the winning claim.
-            self.lease = Lease(
-                rec.term, rec.seq, rec.holder, rec.incarnation, rec.conn,
-                released=rec.kind == "release", successor=rec.successor,
-            )
-            return None
-        if lease.released:
-            return "term already released"
-        if rec.seq <= lease.seq:
-            return "older or repeated seq"
-        self.lease = replace(
-            lease, seq=rec.seq, incarnation=rec.incarnation, conn=rec.conn,
-            released=rec.kind == "release", successor=rec.successor,
-        )
-        return None
-
     def _on_record(self, rec: LeaseRecord, retained: bool, now: float, actions: list[Action]) -> None:
         if self.role is Role.DISCONNECTED:
             return
         if not retained:
             self._last_activity = now
-        why = self._accept(rec)
+        why = self.stream.offer(rec, retained=retained)
         if why is not None:
             actions.append(Ignored(rec, why))
             if self._candidacy and rec.holder == self.node_id and rec.kind == "claim" and (
@@ -458,8 +543,8 @@ class Election:
             return
         lease = self.lease
         assert lease is not None
-        if rec.kind != "claim" and not retained:
-            self._synced = True  # a live renewal or release: its holder won the term we now view
+        if rec.kind == "renew" and not retained:
+            self._cold = False
         # A retained record says nothing about *when* the lease was released: only a live release
         # opens the fast path; a retained one waits for the silence rule like anything else.
         self._vacant_since = now if lease.released and not retained else None
@@ -468,7 +553,8 @@ class Election:
         if self._leadership and (
             lease.term != self._leadership.term or lease.holder != self.node_id or (lease.released and not mine)
         ):
-            self._drop_leadership(now, f"deposed by {lease.holder} in term {lease.term}", actions)
+            self._drop_leadership(now, DemotionCause.DEPOSED, f"deposed by {lease.holder} in term {lease.term}",
+                                  actions)
 
         if rec.kind == "claim":
             if mine and self._candidacy and self._candidacy.term == rec.term:
@@ -500,7 +586,7 @@ class Election:
                 actions.append(RepublishHeartbeat(f"stale will of connection {hb.incarnation}:{hb.conn}"))
             elif not hb.online and self.role is not Role.DISCONNECTED:
                 # The broker has declared our current connection dead.
-                self._drop_leadership(now, "broker published our will", actions)
+                self._drop_leadership(now, DemotionCause.WILL, "broker published our will", actions)
             return
         peer = self.peers.get(hb.node)
         # Eligibility counts as continuous only while heartbeats keep coming (a frozen node's last
@@ -508,7 +594,13 @@ class Election:
         continuous = peer is not None and now - peer.received_at <= self.timing.lease_duration
         eligible_since = peer.eligible_since if peer and continuous else None
         eligible_since = (eligible_since if eligible_since is not None else now) if hb.online and hb.eligible else None
-        self.peers[hb.node] = Peer(hb, now, eligible_since)
+        observing_since: float | None = None
+        if hb.online and hb.role is NodeRole.OBSERVING:
+            observing_since = now
+            if peer is not None and continuous and (
+                    peer.heartbeat.incarnation, peer.heartbeat.conn) == (hb.incarnation, hb.conn):
+                observing_since = peer.observing_since if peer.observing_since is not None else now
+        self.peers[hb.node] = Peer(hb, now, eligible_since, observing_since)
         lease = self.lease
         if (
             not hb.online
@@ -531,11 +623,12 @@ class Election:
         lead = self._leadership
         if lead is not None:
             if now >= lead.deadline:
-                self._drop_leadership(now, "renew deadline passed without an echoed renewal", actions)
+                self._drop_leadership(now, DemotionCause.DEADLINE, "renew deadline passed without an echoed renewal",
+                                      actions)
             else:
                 successor = self._preemptor(now) if lead.confirmed else None
                 if successor is not None:
-                    self._step_down(now, f"preempted by {successor}", successor, actions)
+                    self._step_down(now, DemotionCause.PREEMPTED, f"preempted by {successor}", successor, actions)
                 elif now >= lead.next_renew_at:
                     lead.seq += 1
                     lead.sent_at[lead.seq] = now
@@ -570,6 +663,12 @@ class Election:
         start = silence_end
         if self._vacant_since is not None and not (lease is not None and lease.successor):
             start = min(start, max(self._vacant_since, self._connected_at + t.lease_duration))
+        if self._cold:
+            # Cold start: give better peers that are still observing the time to finish (one lease at most).
+            ends = [p.observing_since + t.lease_duration for p in self._starting_peers(now)
+                    if p.observing_since is not None]
+            if ends:
+                start = max(start, min(max(ends), silence_end + t.lease_duration))
         return start + self._rank(now) * t.claim_stagger
 
     def _claim_position(self, now: float) -> tuple[int, int]:
@@ -583,7 +682,7 @@ class Election:
         best = self.lease.position if self.lease else (0, 0)
         for peer in self._fresh_peers(now):
             view = peer.heartbeat.view
-            if view is not None and (view.term, view.seq) > best:
+            if view is not None and view.term < MAX_TERM and (view.term, view.seq) > best:
                 best = (view.term, view.seq)
         return best
 
@@ -591,15 +690,24 @@ class Election:
         horizon = now - self.timing.lease_duration
         return (p for p in self.peers.values() if p.heartbeat.online and p.received_at >= horizon)
 
+    def _better(self, hb: Heartbeat) -> bool:
+        return (-hb.priority, hb.node) < (-self.priority, self.node_id)
+
+    def _starting_peers(self, now: float) -> list[Peer]:
+        """Better peers that are still observing and will be eligible when done (cold start only)."""
+        return [
+            p for p in self._fresh_peers(now)
+            if p.observing_since is not None and p.heartbeat.healthy and not p.heartbeat.maintenance
+            and self._better(p.heartbeat)
+        ]
+
     def _rank(self, now: float) -> int:
         holder = self.lease.holder if self.lease else None
-        me = (-self.priority, self.node_id)
-        return sum(
-            1
-            for p in self._fresh_peers(now)
-            if p.heartbeat.eligible and p.heartbeat.node != holder
-            and (-p.heartbeat.priority, p.heartbeat.node) < me
-        )
+        ahead = {p.heartbeat.node for p in self._fresh_peers(now)
+                 if p.heartbeat.eligible and p.heartbeat.node != holder and self._better(p.heartbeat)}
+        if self._cold:
+            ahead.update(p.heartbeat.node for p in self._starting_peers(now))
+        return len(ahead)
 
     def _following_me(self, hb: Heartbeat) -> bool:
         """A peer reporting our term in its view is alive since we won and is following us; a frozen
@@ -629,7 +737,7 @@ class Election:
         return best.node if best else None
 
     def _claim(self, now: float, actions: list[Action]) -> None:
-        prev = self._claim_position(now)
+        prev = self._claim_position(now)  # its term is below MAX_TERM: the claim's term is valid
         self._candidacy = _Candidacy(term=prev[0] + 1, sent_at=now)
         self.role = Role.CANDIDATE
         actions.append(
@@ -650,7 +758,9 @@ class Election:
         # could open the same term again. _advance publishes renewal 1 at once.
         self._leadership = _Leadership(term=cand.term, seq=0, deadline=deadline, next_renew_at=now)
 
-    def _drop_leadership(self, now: float, reason: str, actions: list[Action]) -> _Leadership | None:
+    def _drop_leadership(
+        self, now: float, cause: DemotionCause, reason: str, actions: list[Action]
+    ) -> _Leadership | None:
         lead = self._leadership
         if lead is None:
             return None
@@ -659,20 +769,22 @@ class Election:
             self.role = Role.FOLLOWER
         self._last_activity = max(self._last_activity, now)
         if lead.confirmed:
-            actions.append(Demoted(lead.term, reason, acting_until=min(now, lead.deadline)))
+            actions.append(Demoted(lead.term, cause, reason, acting_until=min(now, lead.deadline)))
         return lead
 
-    def _step_down(self, now: float, reason: str, successor: str | None, actions: list[Action]) -> None:
+    def _step_down(
+        self, now: float, cause: DemotionCause, reason: str, successor: str | None, actions: list[Action]
+    ) -> None:
         if self._candidacy is not None:
             # A claim in flight may still win; _on_record releases a won term we no longer want.
             self._candidacy = None
             self.role = Role.FOLLOWER
         if self._leadership is None or not self.is_leader(now):
-            self._drop_leadership(now, reason, actions)
+            self._drop_leadership(now, cause, reason, actions)
             return
         if successor is None or successor == self.node_id:
             successor = self._best_successor(now)
-        lead = self._drop_leadership(now, reason, actions)
+        lead = self._drop_leadership(now, cause, reason, actions)
         assert lead is not None
         release = self._record("release", lead.term, lead.seq + 1, successor=successor)
         # Not retained: a release that arrives late (slow demote hooks) must not replace a newer term's

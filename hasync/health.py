@@ -25,115 +25,20 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Annotated, Literal, Self
-from urllib.parse import urlsplit
+from typing import Self
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from .config import CommandCheck, HealthCheckConfig, HttpCheck
 from .process import describe_exit, kill_group
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _DETAIL_CHARS = 200  # of a probe's output kept in its detail (the tail: errors come last)
 _OUTPUT_BYTES = 4096  # of a command's output kept in memory while it runs
-
-
-# ---- configuration ------------------------------------------------------------------------------
-
-
-class _CheckBase(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 2
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.fullmatch(value):
-            raise ValueError(
-                f"check name {value!r} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.' or '-'"
-            )
-        return value
-
-    @field_validator("interval", "timeout")
-    @classmethod
-    def _positive_seconds(cls, value: float, info: ValidationInfo) -> float:
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{info.field_name} must be a finite number of seconds > 0, got {value}")
-        return value
-
-    @field_validator("rise", "fall")
-    @classmethod
-    def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1 (consecutive results), got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _timeout_within_interval(self) -> Self:
-        if self.timeout > self.interval:
-            raise ValueError(
-                f"check {self.name!r}: timeout ({self.timeout:g}s) must not exceed interval "
-                f"({self.interval:g}s), so one run finishes before the next starts"
-            )
-        return self
-
-
-class CommandCheck(_CheckBase):
-    """Run ``command`` with ``/bin/sh -c``; exit status 0 is success."""
-
-    type: Literal["command"]
-    command: str
-
-    @field_validator("command")
-    @classmethod
-    def _command(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("command must not be empty")
-        return value
-
-
-class HttpCheck(_CheckBase):
-    """GET ``url`` (redirects are not followed); success is a 2xx status, or one of ``expect_status``."""
-
-    type: Literal["http"]
-    url: str
-    expect_status: list[int] | None = None
-    verify_tls: bool = True
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"url must be an http:// or https:// URL with a host, got {value!r}")
-        return value
-
-    @field_validator("expect_status")
-    @classmethod
-    def _statuses(cls, value: list[int] | None) -> list[int] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("expect_status must list at least one status (omit it to accept any 2xx)")
-        bad = [status for status in value if not 100 <= status <= 599]
-        if bad:
-            raise ValueError(f"expect_status must hold HTTP statuses 100-599, got {bad}")
-        return value
-
-
-HealthCheckConfig = Annotated[CommandCheck | HttpCheck, Field(discriminator="type")]
 
 
 # ---- hysteresis ---------------------------------------------------------------------------------

@@ -26,55 +26,22 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self, get_args
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
-
+from .config import HookEvent, HooksConfig
 from .process import describe_exit, kill_group
 
 logger = logging.getLogger(__name__)
 
-HookEvent = Literal["promote", "demote", "fault"]
-_EVENTS: tuple[str, ...] = get_args(HookEvent)
 
 MAX_LOGGED_OUTPUT = 64 * 1024  # bytes of a run's output logged; the rest is counted, not logged
 _TAIL_BYTES = 4096  # of a run's output kept for its result
 _MAX_LINE = 4096  # a longer line is logged in pieces
-
-
-class HooksConfig(BaseModel):
-    """Shell commands to run on role changes; None disables a hook."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    promote: str | None = None
-    demote: str | None = None
-    fault: str | None = None
-    timeout: float = 30.0
-
-    @field_validator("promote", "demote", "fault")
-    @classmethod
-    def _command(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError(f"the {info.field_name} hook is empty; leave it out (or null) to disable it")
-        return value
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: float) -> float:
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"hook timeout must be a finite number of seconds > 0, got {value}")
-        return value
-
-    def command(self, event: HookEvent) -> str | None:
-        command: str | None = getattr(self, event)
-        return command
 
 
 @dataclass(frozen=True)
@@ -178,13 +145,10 @@ class HookRunner:
 
     def submit(self, event: HookEvent, env: Mapping[str, str] | None = None) -> None:
         """Queue the hook for ``event`` with extra environment ``env``; never blocks, never raises."""
-        if event not in _EVENTS:
-            logger.error("unknown hook event %r ignored (expected one of %s)", event, ", ".join(_EVENTS))
-            return
         command = self._config.command(event)
         if command is None:
             return
-        job = _Job(event, command, {**os.environ, **self._base_env, **(env or {}), "HASYNC_EVENT": event})
+        job = _Job(event, command, {**os.environ, **self._base_env, **(env or {}), "HASYNC_EVENT": event.value})
         if self._state is not _State.RUNNING:
             why = "has not started" if self._state is _State.NEW else f"is {self._state.value}"
             self._pending += 1

@@ -3,26 +3,44 @@
 Every message is JSON with a version field ``v``. Models are frozen and forbid extra fields: a message
 that does not validate is logged, counted and dropped by the caller, never half-applied.
 docs/protocol.md is the human-readable form of this module.
+
+Every number a peer can send is bounded: integers to JSON's exact range (``MAX_INT``, 2^53 - 1, which every
+JSON parser reads exactly), floats to finite values. The election never adopts a term it could not follow
+with a claim (see ``hasync.election.MAX_TERM``).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 MAX_PAYLOAD_BYTES = 16 * 1024
+MAX_INT = 2**53 - 1
 
 NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-Term = Annotated[int, Field(ge=0, le=2**53)]
-Seq = Annotated[int, Field(ge=0, le=2**53)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Term = Count
+Seq = Count
+Priority = Annotated[int, Field(ge=0, le=1000)]
+WallTime = Annotated[float, Field(allow_inf_nan=False)]  # seconds since the epoch, informational only
 
-Role = Literal["primary", "standby", "candidate", "observing", "fault", "offline"]
+
+class NodeRole(enum.StrEnum):
+    """What a node reports itself as, in heartbeats, ``hasync status``, ``/healthz`` and metrics."""
+
+    PRIMARY = "primary"
+    STANDBY = "standby"
+    CANDIDATE = "candidate"
+    OBSERVING = "observing"
+    FAULT = "fault"
+    OFFLINE = "offline"
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     v: Literal[1] = 1
 
@@ -42,13 +60,13 @@ class LeaseRecord(Message):
     seq: Seq
     holder: NodeId
     incarnation: Annotated[str, Field(min_length=1, max_length=64)]
-    conn: Annotated[int, Field(ge=0)]
+    conn: Count
     prev_term: Term | None = None
     prev_seq: Seq | None = None
     successor: NodeId | None = None
-    priority: int = 0
-    lease_ms: Annotated[int, Field(gt=0)]
-    sent_at: float  # wall clock, informational only: never used to judge expiry
+    priority: Priority = 0
+    lease_ms: Annotated[int, Field(gt=0, le=MAX_INT)]
+    sent_at: WallTime  # wall clock, informational only: never used to judge expiry
 
     @model_validator(mode="after")
     def _shape(self) -> LeaseRecord:
@@ -82,10 +100,10 @@ class SyncSummary(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
     synced: bool
-    entities: Annotated[int, Field(ge=0)]
-    pending: Annotated[int, Field(ge=0)]
-    queued: Annotated[int, Field(ge=0)]
-    lag_ms: Annotated[int, Field(ge=0)] | None = None
+    entities: Count
+    pending: Count
+    queued: Count
+    lag_ms: Count | None = None
 
 
 class Heartbeat(Message):
@@ -93,20 +111,21 @@ class Heartbeat(Message):
 
     node: NodeId
     incarnation: Annotated[str, Field(min_length=1, max_length=64)]
-    conn: Annotated[int, Field(ge=0)]
+    conn: Count
     online: bool
-    role: Role
+    role: NodeRole
     view: View | None = None
     leader: NodeId | None = None
-    priority: int = 0
+    priority: Priority = 0
     preempt: bool = True
     healthy: bool = False
     eligible: bool = False
     maintenance: bool = False
-    checks: dict[str, bool] = Field(default_factory=dict)
-    agent_version: str = ""
+    checks: Annotated[dict[Annotated[str, Field(max_length=64)], bool], Field(max_length=64)] = Field(
+        default_factory=dict)
+    agent_version: Annotated[str, Field(max_length=64)] = ""
     sync: SyncSummary | None = None
-    sent_at: float = 0.0
+    sent_at: WallTime = 0.0
 
 
 class LeaderAnnouncement(Message):
@@ -117,17 +136,18 @@ class LeaderAnnouncement(Message):
 
     leader: NodeId | None = None
     term: Term
-    sent_at: float
+    sent_at: WallTime
 
     def to_payload(self) -> bytes:
         return self.model_dump_json().encode()
 
 
 class Command(Message):
-    """A request to one node: hand leadership over (optionally to a named node), or switch its
-    maintenance mode (``on``), in which it refuses leadership."""
+    """A request to one node: hand leadership over (optionally to a named node); take leadership back from
+    worse nodes again after a step-down (``resume``); or switch its maintenance mode (``on``), in which it
+    refuses leadership."""
 
-    command: Literal["step_down", "maintenance"]
+    command: Literal["step_down", "resume", "maintenance"]
     successor: NodeId | None = None
     on: bool | None = None
 
@@ -142,11 +162,23 @@ class Command(Message):
         return self
 
 
-class MessageError(ValueError):
-    """A payload that is not a valid message; ``reason`` is a short label for metrics."""
+class DropReason(enum.StrEnum):
+    """Why a message was dropped (the ``reason`` label of ``hasync_messages_dropped_total``)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+    INVALID = "invalid"
+    OVERSIZED = "oversized"
+    WRONG_VERSION = "wrong_version"
+    NODE_MISMATCH = "node_mismatch"
+    ENTITY_MISMATCH = "entity_mismatch"
+    RETAINED_COMMAND = "retained_command"
+    FAILED = "failed"  # valid, but handling it raised: a bug, logged with its traceback
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid message; ``reason`` is its label for metrics."""
+
+    def __init__(self, reason: DropReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
 
@@ -157,13 +189,13 @@ M = TypeVar("M", bound="Message")
 def parse(model: type[M], payload: bytes) -> M:
     """Validate a payload as ``model``; raise MessageError with a metrics label otherwise."""
     if len(payload) > MAX_PAYLOAD_BYTES:
-        raise MessageError("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+        raise MessageError(DropReason.OVERSIZED, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
         return model.model_validate_json(payload)
     except ValidationError as exc:
         errors = exc.errors()
         if any(err["loc"] == ("v",) for err in errors):
-            raise MessageError("wrong_version", str(errors[0].get("input"))) from exc
+            raise MessageError(DropReason.WRONG_VERSION, str(errors[0].get("input"))) from exc
         first = errors[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
-        raise MessageError("invalid", f"{where}: {first['msg']}") from exc
+        raise MessageError(DropReason.INVALID, f"{where}: {first['msg']}") from exc

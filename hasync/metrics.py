@@ -1,10 +1,14 @@
-"""Prometheus metrics of one agent, in a registry of its own (several agents can share a process)."""
+"""Prometheus metrics of one agent, in a registry of its own (several agents can share a process).
+
+Every label value comes from an enum (roles, causes, reasons) or from the configuration (health check
+names), never from a message: the number of time series is bounded by the code and the config.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-ROLES = ("disconnected", "observing", "standby", "candidate", "primary")
+from .messages import NodeRole
 
 
 class Metrics:
@@ -28,6 +32,10 @@ class Metrics:
         self.connect_failures = Counter("hasync_mqtt_connect_failures", "Failed or lost connections",
                                         ["kind"], registry=r)
         self.healthy = Gauge("hasync_healthy", "1 while all health checks pass", registry=r)
+        self.internal_errors = Counter("hasync_internal_errors", "Unexpected errors the agent caught and survived "
+                                       "(bugs: each is logged with its traceback)", ["where"], registry=r)
+        self.publishes_unacknowledged = Counter("hasync_publishes_unacknowledged",
+                                                "Publishes the broker did not acknowledge in time", registry=r)
         self.check_up = Gauge("hasync_health_check_up", "1 while the check passes", ["check"], registry=r)
         self.hooks = Counter("hasync_hook_runs", "Role hook runs", ["event", "result"], registry=r)
         self.echo = Histogram("hasync_renew_echo_seconds", "Time from sending a lease record to its echo",
@@ -57,9 +65,9 @@ class Metrics:
                                             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                             registry=r)
 
-    def set_role(self, role: str) -> None:
-        for name in ROLES:
-            self.role.labels(name).set(1 if name == role else 0)
+    def set_role(self, role: NodeRole) -> None:
+        for name in NodeRole:
+            self.role.labels(name.value).set(1 if name is role else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,4 @@
-"""The MQTT edge: the only module that imports aiomqtt.
-
-Exceptions::
-
-    MqttFailure                 base: the connection could not be made or was lost
-    ├── AuthFailure             bad credentials or not authorised: permanent, retry slowly
-    └── ConnectionLost          network or broker trouble: retry with backoff
+"""The MQTT edge: the only module that imports aiomqtt. It implements ``hasync.transport.Session``.
 
 A fresh aiomqtt client is used for every connection, so nothing queued on an old connection is re-sent
 on a new one (paho re-sends unacknowledged publishes after a reconnect otherwise).
@@ -12,47 +6,20 @@ on a new one (paho re-sends unacknowledged publishes after a reconnect otherwise
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import aiomqtt
+import paho.mqtt.client as paho
 
 from .config import BrokerConfig
+from .transport import AuthFailure, Connect, ConnectionLost, Incoming, MqttFailure, Session, Will
 
 logger = logging.getLogger(__name__)
-
-
-class MqttFailure(Exception):
-    """The broker connection failed or was lost."""
-
-
-class AuthFailure(MqttFailure):
-    """The broker refused our credentials; retrying at once will not help."""
-
-
-class ConnectionLost(MqttFailure):
-    """The broker could not be reached or the connection dropped."""
-
-
-@dataclass(frozen=True)
-class Incoming:
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-@dataclass(frozen=True)
-class Will:
-    topic: str
-    payload: bytes
-
 
 MAX_INFLIGHT = 128  # unacknowledged QoS 1 publishes per connection (paho's default is 20)
 _AUTH_CODES = {4, 5, 134, 135}  # 3.1.1: bad credentials, not authorised; 5.0 equivalents
@@ -66,8 +33,20 @@ def _translate(exc: aiomqtt.MqttError) -> MqttFailure:
     return ConnectionLost(str(exc) or type(exc).__name__)
 
 
-class Session:
-    """One live connection. Publish and iterate; any failure raises MqttFailure."""
+class _Acknowledged:
+    """Stands in for the asyncio.Event aiomqtt's PUBACK callback sets: calls ``on_ack`` instead."""
+
+    __slots__ = ("_on_ack",)
+
+    def __init__(self, on_ack: Callable[[], None]) -> None:
+        self._on_ack = on_ack
+
+    def set(self) -> None:
+        self._on_ack()
+
+
+class MqttSession:
+    """One live connection over aiomqtt (``hasync.transport.Session``)."""
 
     def __init__(self, client: aiomqtt.Client) -> None:
         self._client = client
@@ -79,9 +58,23 @@ class Session:
         except aiomqtt.MqttError as exc:
             raise _translate(exc) from exc
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None:
+    def send(self, topic: str, payload: bytes, *, retain: bool, on_ack: Callable[[], None] | None = None) -> None:
+        # aiomqtt's publish() awaits the acknowledgement; its paho client puts the packet on the wire (or in
+        # its own ordered queue) synchronously, which is what keeps publishes in order without a task each.
+        # The acknowledgement is routed through aiomqtt's table of pending publishes (pinned: aiomqtt 2.x).
+        info = self._client._client.publish(topic, payload, 1, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise ConnectionLost(f"could not publish on {topic}: {paho.error_string(info.rc)}")
+        if on_ack is None:
+            return
+        if info.is_published():
+            on_ack()
+        else:
+            self._client._pending_publishes[info.mid] = _Acknowledged(on_ack)  # type: ignore[assignment]
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         try:
-            await self._client.publish(topic, payload, qos=qos, retain=retain)
+            await self._client.publish(topic, payload, qos=1, retain=retain)
         except aiomqtt.MqttError as exc:
             raise _translate(exc) from exc
 
@@ -111,7 +104,7 @@ def _tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
 
 
 @asynccontextmanager
-async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -> AsyncIterator[Session]:
+async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -> AsyncIterator[MqttSession]:
     """Connect with a fresh client; leaving the block disconnects (with an exception: uncleanly)."""
     username, password = cfg.credentials
     try:
@@ -135,7 +128,7 @@ async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -
     try:
         async with client:
             no_delay(client)
-            yield Session(client)
+            yield MqttSession(client)
     except aiomqtt.MqttError as exc:
         raise _translate(exc) from exc
     except OSError as exc:
@@ -155,31 +148,13 @@ def no_delay(client: aiomqtt.Client) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class Backoff:
-    """Exponential backoff with full jitter and a cap; reset after a connection that worked."""
+def connector(cfg: BrokerConfig) -> Connect:
+    """The agent's :data:`hasync.transport.Connect` for the broker ``cfg`` describes."""
 
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
-        self.minimum = minimum
-        self.maximum = maximum
-        self._attempt = 0
-        self._rng = rng or random.Random()
+    def connect_to(client_id: str, will: Will | None) -> AbstractAsyncContextManager[Session]:
+        return connect(cfg, client_id, will)
 
-    def reset(self) -> None:
-        self._attempt = 0
-
-    def next_delay(self, *, permanent: bool = False) -> float:
-        if permanent:
-            return self.maximum
-        ceiling = min(self.maximum, self.minimum * 2.0**self._attempt)
-        self._attempt = min(self._attempt + 1, 32)
-        return self.minimum + self._rng.random() * (ceiling - self.minimum)
+    return connect_to
 
 
-async def wait_or(event: asyncio.Event, delay: float) -> bool:
-    """Sleep ``delay`` seconds or until ``event`` is set; True if the event was set."""
-    try:
-        async with asyncio.timeout(delay):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
+__all__ = ["AuthFailure", "ConnectionLost", "MqttFailure", "MqttSession", "connect", "connector", "no_delay"]

@@ -1,4 +1,9 @@
-"""Reading the cluster's state from the broker, for ``hasync status`` and the demo."""
+"""Reading the cluster's state from the broker, and the commands hasync's own tools send: for the command
+line and the demo.
+
+An observer follows the lease stream by the election's own rules (``hasync.election.LeaseStream``), so
+what it reports as the lease is what the agents hold.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,20 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import __version__
 from .config import BrokerConfig
-from .discovery import Discovery
-from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, parse
-from .mqtt import Incoming, connect
+from .election import LeaseStream
+from .homeassistant.discovery import Discovery
+from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, NodeRole, parse
+from .mqtt import connect
 from .topics import TopicKind, Topics
+from .transport import Incoming
+
+
+class CommandRefused(Exception):
+    """A command that the cluster's state shows would be wrong (an unknown node, one that is not primary)."""
 
 
 @dataclass
@@ -38,8 +49,7 @@ class ClusterView:
 
     topics: Topics
     nodes: dict[str, NodeState] = field(default_factory=dict)
-    lease: LeaseRecord | None = None
-    lease_received_at: float | None = None
+    stream: LeaseStream = field(default_factory=LeaseStream)
     announcement: LeaderAnnouncement | None = None
     dropped: int = 0
     stale_after: float = 3.0  # seconds without a live heartbeat before a node's state is unknown
@@ -56,12 +66,7 @@ class ClusterView:
                 if hb.node == parsed.node:
                     self.nodes[hb.node] = NodeState(hb, now, live=not message.retain)
             elif parsed.kind is TopicKind.LEASE:
-                record = parse(LeaseRecord, message.payload)
-                if record.kind != "claim" and (
-                    self.lease is None or (record.term, record.seq) >= (self.lease.term, self.lease.seq)
-                ):
-                    self.lease = record
-                    self.lease_received_at = now
+                self.stream.offer(parse(LeaseRecord, message.payload), retained=message.retain)
             elif parsed.kind is TopicKind.LEADER:
                 self.announcement = parse(LeaderAnnouncement, message.payload)
         except MessageError:
@@ -69,18 +74,26 @@ class ClusterView:
 
     def primaries(self, now: float) -> list[str]:
         return sorted(n for n, s in self.nodes.items()
-                      if s.current(now, self.stale_after) and s.heartbeat.role == "primary")
+                      if s.current(now, self.stale_after) and s.heartbeat.role is NodeRole.PRIMARY)
+
+    def role(self, node: str, now: float) -> str:
+        """The node's role as far as the observer can tell: ``offline`` after its will, ``unknown`` while no
+        live heartbeat was seen recently."""
+        state = self.nodes[node]
+        hb = state.heartbeat
+        if state.current(now, self.stale_after):
+            return hb.role.value
+        return NodeRole.OFFLINE.value if not hb.online else "unknown"
 
     def rows(self, now: float) -> list[dict[str, Any]]:
         rows = []
         for node, state in sorted(self.nodes.items()):
             hb = state.heartbeat
             age = None if not hb.online else round(now - state.received_at, 1)
-            role = hb.role if state.current(now, self.stale_after) else ("offline" if not hb.online else "unknown")
             rows.append({
                 "node": node,
-                "role": role,
-                "reported_role": hb.role,
+                "role": self.role(node, now),
+                "reported_role": hb.role.value,
                 "term": hb.view.term if hb.view else 0,
                 "leader": hb.leader,
                 "priority": hb.priority,
@@ -96,17 +109,47 @@ class ClusterView:
         return rows
 
     def to_json(self, now: float) -> dict[str, Any]:
-        lease = self.lease
+        lease = self.stream.lease
         return {
             "cluster": self.topics.cluster,
             "leader": self.announcement.leader if self.announcement else None,
             "term": self.announcement.term if self.announcement else (lease.term if lease else 0),
             "lease": None if lease is None else {
-                "kind": lease.kind, "term": lease.term, "seq": lease.seq, "holder": lease.holder,
-                "successor": lease.successor,
+                "kind": "release" if lease.released else ("claim" if lease.seq == 0 else "renew"),
+                "term": lease.term, "seq": lease.seq, "holder": lease.holder, "successor": lease.successor,
             },
             "nodes": self.rows(now),
         }
+
+    def check_step_down(self, node: str, successor: str | None, now: float) -> None:
+        """Raise CommandRefused unless ``node`` is the primary and ``successor`` (if any) could take over."""
+        self._check_known(node)
+        role = self.role(node, now)
+        if role != NodeRole.PRIMARY:
+            primaries = self.primaries(now)
+            raise CommandRefused(f"{node} is not the primary (it is {role}); the primary is "
+                                 f"{', '.join(primaries) if primaries else 'nobody right now'}")
+        if successor is None:
+            return
+        if successor == node:
+            raise CommandRefused(f"{node} cannot hand over to itself")
+        self._check_known(successor)
+        state = self.nodes[successor]
+        if not state.current(now, self.stale_after):
+            raise CommandRefused(f"{successor} cannot take over: it is {self.role(successor, now)}")
+        if not state.heartbeat.eligible:
+            why = "in maintenance" if state.heartbeat.maintenance else (
+                "unhealthy" if not state.heartbeat.healthy else "not eligible yet")
+            raise CommandRefused(f"{successor} cannot take over: it is {why}")
+
+    def check_known(self, node: str) -> None:
+        self._check_known(node)
+
+    def _check_known(self, node: str) -> None:
+        if node not in self.nodes:
+            seen = ", ".join(sorted(self.nodes)) or "none"
+            raise CommandRefused(f"no node {node!r} in cluster {self.topics.cluster!r} under {self.topics.base}/ "
+                                 f"(nodes seen: {seen})")
 
 
 async def watch(broker: BrokerConfig, topics: Topics, view: ClusterView, stop: asyncio.Event) -> None:
@@ -138,10 +181,27 @@ async def snapshot(broker: BrokerConfig, topics: Topics, wait: float) -> Cluster
     return view
 
 
-async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, successor: str | None) -> None:
+async def send_command(broker: BrokerConfig, topics: Topics, node: str, command: Command) -> None:
     async with connect(broker, f"hasync-cli-{secrets.token_hex(4)}") as session:
-        await session.publish(topics.command(node), Command(command="step_down", successor=successor)
-                              .to_payload(), retain=False)
+        await session.publish(topics.command(node), command.to_payload(), retain=False)
+
+
+async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, successor: str | None) -> None:
+    await send_command(broker, topics, node, Command(command="step_down", successor=successor))
+
+
+async def checked_command(
+    broker: BrokerConfig, topics: Topics, node: str, what: Literal["step_down", "resume"], *,
+    successor: str | None = None, wait: float = 1.5,
+) -> None:
+    """Read the cluster's state for ``wait`` seconds, refuse a command it shows to be wrong
+    (``CommandRefused``), else send it."""
+    view = await snapshot(broker, topics, wait)
+    if what == "step_down":
+        view.check_step_down(node, successor, time.monotonic())
+    else:
+        view.check_known(node)
+    await send_command(broker, topics, node, Command(command=what, successor=successor))
 
 
 async def decommission(broker: BrokerConfig, topics: Topics, node: str, discovery_prefix: str) -> int:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import AmqttProcess, BrokerProcess, MosquittoProcess, mosquitto_binary
-from ha import HA_VENV, HA_VERSION, HomeAssistant, StartHA, ha_installed
+
+from harness.brokers import AmqttProcess, BrokerProcess, MosquittoProcess, mosquitto_binary
+from harness.ha import HA_VENV, HA_VERSION, HomeAssistant, StartHA, ha_installed
 
 
 def _require_mosquitto() -> str:

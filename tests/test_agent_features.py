@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import FAST_ELECTION, Cluster, checked_cluster, wait_until
-from brokers import MosquittoProcess
+
+from harness.agents import FAST_ELECTION, Cluster, checked_cluster, wait_until
+from harness.brokers import MosquittoProcess
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +136,7 @@ def test_invalid_config_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_unreachable_broker_is_reported_and_the_agent_keeps_trying(tmp_path: Path) -> None:
-    from brokers import free_port
+    from harness.wait import free_port
 
     port = free_port()
     log = tmp_path / "agent.log"
@@ -165,7 +166,7 @@ def test_demo_runs_non_interactively_and_exits_zero() -> None:
 
 def test_claims_the_broker_silently_drops_never_make_a_primary(tmp_path: Path, topic_prefix: str) -> None:
     """Mosquitto acknowledges a publish its ACL then drops: only an echo may count as acceptance."""
-    from brokers import MosquittoProcess, mosquitto_binary
+    from harness.brokers import MosquittoProcess, mosquitto_binary
 
     binary = mosquitto_binary()
     if binary is None:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from brokers import mosquitto_binary
+
+from harness.brokers import mosquitto_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves the repository root out

@@ -31,9 +31,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import yaml
-from brokers import AmqttProcess, BrokerProcess, MosquittoProcess
 from pwdlib.hashers.argon2 import Argon2Hasher  # amqtt's dependency; it reads argon2 password hashes
 
+from harness.brokers import AmqttProcess, BrokerProcess, MosquittoProcess
 from hasync.broker import EmbeddedBroker, amqtt_config
 
 pytestmark = pytest.mark.integration

@@ -18,14 +18,15 @@ from hasync.config import (
     ENV_KEYS,
     AgentConfig,
     BrokerConfig,
+    CommandCheck,
     ConfigError,
     ElectionConfig,
+    HooksConfig,
+    HttpCheck,
     default_node_id,
     load_config,
 )
 from hasync.election import Timing
-from hasync.health import CommandCheck, HttpCheck
-from hasync.hooks import HooksConfig
 
 
 def write(tmp_path: Path, text: str, name: str = "hasync.yaml") -> Path:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hasync.discovery import Discovery, primary_state
+from hasync.homeassistant.discovery import Discovery, primary_state
 from hasync.messages import Command, MessageError, parse
 from hasync.topics import Topics
 

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import pytest
-from simlib import claim, heartbeat, record, release, renew
-from simlib import claim as claim_
 
+from harness.sim import claim, heartbeat, record, release, renew
+from harness.sim import claim as claim_
 from hasync.election import (
     Action,
     ClaimUnanswered,
@@ -37,13 +37,14 @@ from hasync.election import (
 )
 from hasync.messages import LeaseRecord
 
-T = Timing()
+T = Timing(preempt_delay=5.0)  # the tests' numbers were chosen for a 5 s preempt delay
 FOLLOWING = (1, 1)  # the view a peer following the leader of term 1 reports
 A = TypeVar("A")
 
 
 def node(node_id: str = "a", now: float = 0.0, *, conn: int = 1, **kw: Any) -> Election:
     """A healthy node connected at ``now``."""
+    kw.setdefault("timing", T)
     e = Election(node_id, f"{node_id}-1", **kw)
     e.handle(HealthChanged(True), now)
     e.handle(Connected(conn), now)

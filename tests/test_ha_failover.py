@@ -15,9 +15,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from agents import Cluster, checked_cluster, wait_until
-from brokers import MosquittoProcess
-from ha import GATED_EVENT, HomeAssistant, StartHA
+
+from harness.agents import Cluster, checked_cluster, wait_until
+from harness.brokers import MosquittoProcess
+from harness.ha import GATED_EVENT, HomeAssistant, StartHA
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -14,11 +14,13 @@ import time
 from typing import Self
 
 import pytest
-from brokers import MosquittoProcess
-from ha import TEST_EVENT, HomeAssistant, StartHA
 
+from harness.brokers import MosquittoProcess
+from harness.ha import TEST_EVENT, HomeAssistant, StartHA
+from hasync.aio import wait_or
 from hasync.config import BrokerConfig
-from hasync.mqtt import Session, connect, wait_or
+from hasync.mqtt import connect
+from hasync.transport import Session
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

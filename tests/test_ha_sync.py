@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import AgentProcess, Cluster, checked_cluster, wait_until
-from brokers import BrokerProcess
-from ha import HomeAssistant, StartHA, bulk_entity
 
+from harness.agents import AgentProcess, Cluster, checked_cluster, wait_until
+from harness.brokers import BrokerProcess
+from harness.ha import HomeAssistant, StartHA, bulk_entity
 from hasync.topics import Topics
 
 pytestmark = [pytest.mark.integration]

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,19 +14,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from brokers import wait_exited
 from pydantic import TypeAdapter, ValidationError
 
+from harness.brokers import wait_exited
+from harness.wait import free_port
 from hasync import health
-from hasync.health import (
-    CheckState,
-    CommandCheck,
-    HealthCheckConfig,
-    HealthMonitor,
-    HttpCheck,
-    run_command_check,
-    run_http_check,
-)
+from hasync.config import CommandCheck, HealthCheckConfig, HttpCheck
+from hasync.health import CheckState, HealthMonitor, run_command_check, run_http_check
 
 CHECKS = TypeAdapter(list[HealthCheckConfig])
 
@@ -63,13 +56,6 @@ def fifo_reader(path: Path) -> Iterator[asyncio.Queue[bytes]]:
         loop.remove_reader(fd)
         os.close(keepalive)
         os.close(fd)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # ---- configuration ------------------------------------------------------------------------------

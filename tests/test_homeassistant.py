@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from brokers import HOST, MosquittoProcess, free_port, mosquitto_binary
-from ha import TEST_EVENT, HomeAssistant, StartHA
 
-from hasync.homeassistant import HomeAssistantLink, NotConnected
+from harness.brokers import MosquittoProcess, mosquitto_binary
+from harness.ha import TEST_EVENT, HomeAssistant, StartHA
+from harness.wait import HOST, free_port
+from hasync.homeassistant.errors import NotConnected
+from hasync.homeassistant.link import HomeAssistantLink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agents import FAST_ELECTION, Cluster, LeaseRecorder, checked_cluster, wait_until
-from brokers import BrokerProcess
 
+from harness.agents import FAST_ELECTION, Cluster, LeaseRecorder, checked_cluster, wait_until
+from harness.brokers import BrokerProcess
 from hasync.config import BrokerConfig
 from hasync.messages import LeaseRecord
 from hasync.mqtt import connect

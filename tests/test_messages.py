@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from hasync.messages import (
+    MAX_INT,
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
     Command,
@@ -18,13 +19,14 @@ from hasync.messages import (
     LeaderAnnouncement,
     LeaseRecord,
     MessageError,
+    NodeRole,
     SyncSummary,
     View,
     parse,
 )
 
 NODE = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
-TERMS = st.integers(min_value=0, max_value=2**53)
+TERMS = st.integers(min_value=0, max_value=MAX_INT)
 
 
 def lease(**fields: Any) -> dict[str, Any]:
@@ -61,7 +63,9 @@ def payload(fields: dict[str, Any]) -> bytes:
         lease(kind="renew", seq=1),
         lease(kind="release"),
         lease(kind="release", successor="ha-2"),
-        lease(term=2**53, seq=2**53),
+        lease(term=MAX_INT, seq=MAX_INT),
+        lease(priority=0),
+        lease(priority=1000),
     ],
 )
 def test_valid_lease_records(fields: dict[str, Any]) -> None:
@@ -87,10 +91,17 @@ def test_valid_lease_records(fields: dict[str, Any]) -> None:
         (lease(successor="ha-2"), "only a release names a successor"),
         (lease(kind="steal"), "kind"),
         (lease(term=-1), "term"),
-        (lease(term=2**53 + 1), "term"),
+        (lease(term=MAX_INT + 1), "term"),
         (lease(seq=-1), "seq"),
+        (lease(seq=MAX_INT + 1), "seq"),
         (lease(conn=-1), "conn"),
+        (lease(conn=MAX_INT + 1), "conn"),
+        (lease(priority=-1), "priority"),
+        (lease(priority=1001), "priority"),
         (lease(lease_ms=0), "lease_ms"),
+        (lease(lease_ms=MAX_INT + 1), "lease_ms"),
+        (lease(sent_at=float("inf")), "sent_at"),
+        (lease(sent_at=float("nan")), "sent_at"),
         (lease(incarnation=""), "incarnation"),
         (lease(incarnation="x" * 65), "incarnation"),
         (lease(holder="bad node"), "holder"),
@@ -243,13 +254,18 @@ def test_parse_labels_invalid_payloads(data: bytes, where: str) -> None:
 # ---- Heartbeat, Command, LeaderAnnouncement -----------------------------------------------------
 
 
+def make_heartbeat(**fields: Any) -> Heartbeat:
+    values = heartbeat(**fields)
+    return Heartbeat(**{**values, "role": NodeRole(values["role"])})
+
+
 def test_heartbeat_defaults_and_round_trip() -> None:
-    minimal = Heartbeat(**heartbeat())
+    minimal = make_heartbeat()
     assert (minimal.view, minimal.leader, minimal.healthy, minimal.eligible, minimal.checks) == (
         None, None, False, False, {}
     )
     assert parse(Heartbeat, minimal.to_payload()) == minimal
-    full = Heartbeat(**heartbeat(
+    full = make_heartbeat(**dict(
         role="primary", view=View(term=7, seq=42), leader="ha-1", priority=100, preempt=False, healthy=True,
         eligible=True, maintenance=True, checks={"ha-api": True, "disk": False}, agent_version="0.1.0",
         sync=SyncSummary(synced=True, entities=12, pending=1, queued=0, lag_ms=3), sent_at=1700000000.25,
@@ -261,7 +277,7 @@ def test_heartbeat_defaults_and_round_trip() -> None:
 
 
 def test_the_last_will_is_the_same_heartbeat_offline() -> None:
-    will = Heartbeat(**heartbeat(online=False, role="offline"))
+    will = make_heartbeat(online=False, role="offline")
     assert parse(Heartbeat, will.to_payload()) == will
 
 
@@ -321,14 +337,14 @@ def test_a_step_down_announcement_round_trips() -> None:
 
 @pytest.mark.parametrize("node", ["a", "Z", "0", "-", "_", "ha-kitchen_2", "x" * 64])
 def test_node_id_pattern_accepts(node: str) -> None:
-    assert Heartbeat(**heartbeat(node=node)).node == node
+    assert make_heartbeat(node=node).node == node
     assert Command(command="step_down", successor=node).successor == node
 
 
 @pytest.mark.parametrize("node", ["", "x" * 65, "a b", "a.b", "a/b", "+", "#", "\u00e4", "ha-1\n", "\nha-1", "a\x00"])
 def test_node_id_pattern_rejects(node: str) -> None:
     with pytest.raises(ValidationError, match="String should match pattern"):
-        Heartbeat(**heartbeat(node=node))
+        make_heartbeat(node=node)
     with pytest.raises(ValidationError, match="String should match pattern"):
         LeaseRecord(**lease(holder=node))
 
@@ -343,17 +359,17 @@ def lease_records(draw: st.DrawFn) -> LeaseRecord:
         "kind": kind,
         "holder": draw(NODE),
         "incarnation": draw(st.text(min_size=1, max_size=64)),
-        "conn": draw(st.integers(min_value=0, max_value=2**63)),
-        "priority": draw(st.integers(min_value=-(2**63), max_value=2**63)),
-        "lease_ms": draw(st.integers(min_value=1, max_value=2**63)),
+        "conn": draw(st.integers(min_value=0, max_value=MAX_INT)),
+        "priority": draw(st.integers(min_value=0, max_value=1000)),
+        "lease_ms": draw(st.integers(min_value=1, max_value=MAX_INT)),
         # sent_at is time.time(): always finite (JSON has no NaN or infinity)
         "sent_at": draw(st.floats(allow_nan=False, allow_infinity=False)),
     }
     if kind == "claim":
-        prev_term = draw(st.integers(min_value=0, max_value=2**53 - 1))
+        prev_term = draw(st.integers(min_value=0, max_value=MAX_INT - 1))
         fields |= {"term": prev_term + 1, "seq": 0, "prev_term": prev_term, "prev_seq": draw(TERMS)}
     else:
-        fields |= {"term": draw(TERMS), "seq": draw(st.integers(min_value=1, max_value=2**53))}
+        fields |= {"term": draw(TERMS), "seq": draw(st.integers(min_value=1, max_value=MAX_INT))}
         if kind == "release":
             fields["successor"] = draw(st.none() | NODE)
     return LeaseRecord(**fields)

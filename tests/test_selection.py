@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hasync.config import AgentConfig, ConfigError, load_config
-from hasync.selection import DEFAULT_DOMAINS, Selector, Throttle, ThrottleRule
+from hasync.sync.selection import DEFAULT_DOMAINS, Selector, Throttle, ThrottleRule
 
 
 def test_the_default_selects_helpers_only() -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import AgentProcess, Cluster, checked_cluster, wait_until
-from brokers import BrokerProcess
+
+from harness.agents import AgentProcess, Cluster, checked_cluster, wait_until
+from harness.brokers import BrokerProcess
 
 pytestmark = pytest.mark.integration
 

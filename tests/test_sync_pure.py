@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from hasync.hlc import HLC, MAX_COUNTER, ClockDriftError, Stamp, StampFormatError
 from hasync.messages import MessageError, parse
-from hasync.sync import (
+from hasync.sync.hlc import HLC, MAX_COUNTER, ClockDriftError, Stamp, StampFormatError
+from hasync.sync.state import (
     Action,
     AppliedRemote,
     Apply,

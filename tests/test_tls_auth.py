@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import AgentProcess, Cluster, wait_until
-from brokers import MosquittoProcess, mosquitto_binary
 
+from harness.agents import AgentProcess, Cluster, wait_until
+from harness.brokers import MosquittoProcess, mosquitto_binary
 from hasync.config import BrokerConfig
-from hasync.mqtt import AuthFailure, ConnectionLost
 from hasync.status import snapshot
 from hasync.topics import Topics
+from hasync.transport import AuthFailure, ConnectionLost
 
 pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 

@@ -22,18 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Self
 
-HOST = "127.0.0.1"
+from .wait import HOST, free_port
+
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.02
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (the OS picks it; another process could take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def mosquitto_binary() -> str | None:

@@ -8,6 +8,7 @@ Every wait is bounded and polls for the event it waits for.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -16,14 +17,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import yaml
-from brokers import free_port
+from paho.mqtt.enums import CallbackAPIVersion
 
 from hasync.audit import decreasing_terms, overlaps, read_events, tenures, terms_with_two_winners
+from hasync.config import BrokerConfig
+from hasync.messages import LeaseRecord, MessageError, parse
+from hasync.topics import Topics
+
+from .wait import free_port, wait_until
 
 FAST_ELECTION = {
     "lease_duration": 1.5,
@@ -35,15 +42,62 @@ FAST_ELECTION = {
 }
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(step)
+class MemoryApi:
+    """A client of an agent's memory-backend API (``hasync.sync.memory``), on one keep-alive connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> MemoryApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def raw(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """Status and body, whatever they are (to test what the API refuses)."""
+        try:
+            self.conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+            response = self.conn.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()  # reconnects on the next request
+            raise
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        status, payload = self.raw(method, path, None if body is None else json.dumps(body).encode())
+        if status != 200:
+            raise RuntimeError(f"{method} {path}: HTTP {status}: {payload[:200]!r}")
+        return json.loads(payload) if payload else None
+
+    def put(self, values: dict[str, str]) -> None:
+        """Change entities as a user would in HA: ``{entity_id: state}``."""
+        self.request("PUT", "/sync/entities", {e: {"state": v} for e, v in values.items()})
+
+    def entities(self) -> dict[str, str]:
+        """``{entity_id: state}`` of every entity the agent holds."""
+        result: dict[str, dict[str, Any]] = self.request("GET", "/sync/entities")
+        return {e: v["state"] for e, v in result.items()}
+
+    def applied(self, after: int = 0) -> list[dict[str, Any]]:
+        """One page of the apply log after ``seq``: each entry's seq, entity_id, state and monotonic time."""
+        result: list[dict[str, Any]] = self.request("GET", f"/sync/applied?after={after}")
+        return result
+
+    def all_applied(self) -> list[dict[str, Any]]:
+        """Every entry of the apply log, page by page."""
+        entries: list[dict[str, Any]] = []
+        while page := self.applied(entries[-1]["seq"] if entries else 0):
+            entries.extend(page)
+        return entries
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/healthz")
+        return result
 
 
 class AgentProcess:
@@ -144,6 +198,10 @@ class AgentProcess:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return 0, ""  # not listening (yet, or any more)
 
+    def memory(self) -> MemoryApi:
+        """A client of its memory-backend API (close it, or use it as a context manager)."""
+        return MemoryApi(self.http_port)
+
     def status(self) -> dict[str, Any]:
         """The agent's /healthz document; empty while it is not serving HTTP."""
         code, body = self.http("/healthz")
@@ -203,7 +261,8 @@ class Cluster:
             leaders = [e for e in self.leaders_since(after) if e["node"] != exclude]
             return leaders[0]["node"] if leaders else None
 
-        node: str = wait_until(found, timeout, f"a new primary (after t={after:.2f})")
+        node = wait_until(found, timeout, f"a new primary (after t={after:.2f})")
+        assert node is not None
         return node
 
     def check_invariants(self) -> None:
@@ -255,12 +314,6 @@ class LeaseRecorder:
     client on its own thread: the tests using it are synchronous."""
 
     def __init__(self, broker_url: str, prefix: str, cluster: str = "test") -> None:
-        import paho.mqtt.client as paho
-
-        from hasync.config import BrokerConfig
-        from hasync.messages import LeaseRecord, MessageError, parse
-        from hasync.topics import Topics
-
         cfg = BrokerConfig(url=broker_url)
         self.topic = Topics(prefix, cluster).lease
         self.records: list[tuple[float, LeaseRecord]] = []
@@ -274,9 +327,9 @@ class LeaseRecorder:
 
         def on_message(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
             with contextlib.suppress(MessageError):
-                self.records.append((time.monotonic(), parse(LeaseRecord, message.payload)))
+                self.records.append((time.monotonic(), parse(LeaseRecord, bytes(message.payload))))
 
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"recorder-{time.monotonic_ns()}")
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"recorder-{time.monotonic_ns()}")
         self._client.on_connect = on_connect
         self._client.on_subscribe = on_subscribe
         self._client.on_message = on_message

@@ -53,7 +53,10 @@ The rules
    publication on this connection, overtaken by a newer one it already sent, is no regression: the broker
    processes one client's messages in order, so the newer one is stored after it. And a retained copy that
    arrives after a live record of the topic (retained copies are the store at subscribe time, and may come
-   late) does not change ``bus``: the live record is the newer state of the broker.
+   late) does not change ``bus``: the live record is the newer state of the broker. A message on the topic
+   that is not a valid record of the entity (garbage, another entity's record, an empty payload clearing
+   it: ``RemoteUnreadable``) leaves the broker holding nothing a node could use: ``bus`` is forgotten, and a
+   node that knows a record publishes it again, so the topic is repaired for nodes that join later.
 5. **Reconcile window.** ``Connected`` forgets ``bus`` and opens the window: nothing is published until the
    caller sends ``RetainedDone`` (its subscription's retained delivery is over, e.g. after a short quiet
    period). Records received meanwhile are handled by rule 1 and applied by rule 2 as usual. At
@@ -131,9 +134,9 @@ from pydantic import (
     model_validator,
 )
 
+from ..messages import Message, NodeId, Term
+from ..topics import ENTITY_ID, ENTITY_ID_PATTERN
 from .hlc import DEFAULT_MAX_DRIFT_MS, HLC, ClockDriftError, Stamp
-from .messages import Message, NodeId, Term
-from .topics import ENTITY_ID, ENTITY_ID_PATTERN
 
 Attributes = dict[str, JsonValue]
 Value = tuple[str, Attributes]  # state and attributes, as HA holds them
@@ -282,6 +285,14 @@ class RemoteVersion:
 
 
 @dataclass(frozen=True)
+class RemoteUnreadable:
+    """A message on the entity's topic that is not a valid record of it (``retained``: as above)."""
+
+    entity_id: str
+    retained: bool = False
+
+
+@dataclass(frozen=True)
 class LocalSnapshot:
     """Everything the local HA holds of the mirrored entities, after HA or the agent (re)started.
 
@@ -317,6 +328,7 @@ Event = (
     | AppliedRemote
     | ApplyFailed
     | RemoteVersion
+    | RemoteUnreadable
     | LocalSnapshot
     | Connected
     | Disconnected
@@ -355,11 +367,25 @@ class Remove:
     version: Stamp
 
 
+class DropReason(enum.StrEnum):
+    """Why sync ignored something (the label of ``hasync_sync_dropped_total``)."""
+
+    STALE = "stale"
+    CLOCK_DRIFT = "clock_drift"
+    APPLY_FAILED = "apply_failed"
+    UNEXPECTED_ANSWER = "unexpected_answer"
+    UNEXPECTED_RETAINED_DONE = "unexpected_retained_done"
+    INVALID_LOCAL_VALUE = "invalid_local_value"
+    TOO_MANY_ENTITIES = "too_many_entities"
+    NOT_SELECTED = "not_selected"
+    TOO_LARGE = "too_large"
+
+
 @dataclass(frozen=True)
 class Drop:
-    """Something was ignored; ``reason`` is a short label for metrics, ``detail`` is for the log."""
+    """Something was ignored; ``reason`` is its label for metrics, ``detail`` is for the log."""
 
-    reason: str
+    reason: DropReason
     entity_id: str | None = None
     detail: str = ""
 
@@ -457,6 +483,8 @@ class SyncState:
                 self._on_local(entity_id, None, now, actions)
             case RemoteVersion(record=record, retained=retained):
                 self._on_remote(record, retained, now, actions)
+            case RemoteUnreadable(entity_id=entity_id, retained=retained):
+                self._on_unreadable(entity_id, retained, now, actions)
             case AppliedRemote(entity_id=entity_id, version=version):
                 ent = self._answered(entity_id, version, actions)
                 if ent is not None and ent.applying is not None:
@@ -468,7 +496,7 @@ class SyncState:
                 if ent is not None:
                     ent.applying = None
                     ent.failed = True
-                    actions.append(Drop("apply_failed", entity_id, reason))
+                    actions.append(Drop(DropReason.APPLY_FAILED, entity_id, reason))
             case LocalSnapshot(entities=entities):
                 self._on_snapshot(entities, now, actions)
             case Connected():
@@ -482,7 +510,7 @@ class SyncState:
                 self._in_window = False
             case RetainedDone():
                 if not self.connected or not self._in_window:
-                    actions.append(Drop("unexpected_retained_done", None, "not in a reconcile window"))
+                    actions.append(Drop(DropReason.UNEXPECTED_RETAINED_DONE, None, "not in a reconcile window"))
                 else:
                     self._in_window = False
                     self._ever_synced = True
@@ -498,7 +526,7 @@ class SyncState:
     ) -> None:
         problem = self._invalid(entity_id, value)
         if problem is not None:
-            actions.append(Drop("invalid_local_value", entity_id, problem))
+            actions.append(Drop(DropReason.INVALID_LOCAL_VALUE, entity_id, problem))
             return
         ent = self._entity(entity_id, actions)
         if ent is None:
@@ -515,7 +543,7 @@ class SyncState:
         try:
             self.hlc.update(rec.version, now)
         except ClockDriftError as exc:
-            actions.append(Drop("clock_drift", rec.entity_id, str(exc)))
+            actions.append(Drop(DropReason.CLOCK_DRIFT, rec.entity_id, str(exc)))
             return
         ent = self._entity(rec.entity_id, actions)
         if ent is None:
@@ -543,10 +571,19 @@ class SyncState:
             assert ent.best is not None
             where = "retained" if retained else "live"
             actions.append(
-                Drop("stale", rec.entity_id, f"{where} {rec.version} is older than {ent.best.version}")
+                Drop(DropReason.STALE, rec.entity_id, f"{where} {rec.version} is older than {ent.best.version}")
             )
             if self.connected and not (echo and compare(rec, ent.sent) < 0):
                 ent.sent = None  # the broker holds an older record than ours: publish ours again
+        self._reconcile(ent, now, actions)
+
+    def _on_unreadable(self, entity_id: str, retained: bool, now: int, actions: list[Action]) -> None:
+        ent = self._entities.get(entity_id)
+        if ent is None or not self.connected or (retained and ent.live):
+            return  # nothing to repair it with; or a late retained copy, older than what the topic got since
+        ent.bus = None
+        ent.live = ent.live or not retained
+        ent.sent = None
         self._reconcile(ent, now, actions)
 
     def _on_snapshot(self, entities: Mapping[str, Value], now: int, actions: list[Action]) -> None:
@@ -556,7 +593,7 @@ class SyncState:
             value = (state, dict(attributes))
             problem = self._invalid(entity_id, value)
             if problem is not None:
-                actions.append(Drop("invalid_local_value", entity_id, problem))
+                actions.append(Drop(DropReason.INVALID_LOCAL_VALUE, entity_id, problem))
             if ENTITY_ID.fullmatch(entity_id) and self._entity(entity_id, actions) is not None:
                 # A value that cannot be a record: HA holds *something*, so never judge it absent.
                 held[entity_id] = value if problem is None else _UNKNOWN
@@ -568,7 +605,7 @@ class SyncState:
     def _answered(self, entity_id: str, version: Stamp, actions: list[Action]) -> _Entity | None:
         ent = self._entities.get(entity_id)
         if ent is None or ent.applying is None or ent.applying.version != version:
-            actions.append(Drop("unexpected_answer", entity_id, f"no Apply of {version} awaits an answer"))
+            actions.append(Drop(DropReason.UNEXPECTED_ANSWER, entity_id, f"no Apply of {version} awaits an answer"))
             return None
         return ent
 
@@ -637,7 +674,7 @@ class SyncState:
         ent = self._entities.get(entity_id)
         if ent is None:
             if len(self._entities) >= self.max_entities:
-                actions.append(Drop("too_many_entities", entity_id, f"already {self.max_entities} entities"))
+                actions.append(Drop(DropReason.TOO_MANY_ENTITIES, entity_id, f"already {self.max_entities} entities"))
                 return None
             ent = _Entity(entity_id, local=None if self._ha_known else _UNKNOWN)
             self._entities[entity_id] = ent

@@ -1,6 +1,8 @@
 """Test helpers for the pure election: message builders and a discrete-event model of the cluster.
 
-``Sim`` runs several ``Election`` nodes over a model broker. It is the reference for what the
+``Sim`` runs several ``Election`` nodes over ``harness.fakebroker.BrokerModel``, the broker model the
+in-process tier uses too, with the agent's own pieces: heartbeats built by ``hasync.heartbeat`` and
+every message encoded and routed (``hasync.inbound``) as an agent would. It is the reference for what the
 election's theory of operation assumes about the world (see hasync.election):
 
 * one broker, one total order of publishes on the lease topic; every *connected* subscriber gets
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hasync import heartbeat as heartbeats
 from hasync.election import (
     Action,
     Connected,
@@ -54,12 +57,16 @@ from hasync.election import (
     Publish,
     RecordReceived,
     RepublishHeartbeat,
-    Role,
     StepDown,
     Tick,
     Timing,
 )
-from hasync.messages import Heartbeat, LeaseRecord, View
+from hasync.inbound import Router, ToElection
+from hasync.messages import Heartbeat, LeaseRecord, NodeRole, View, parse
+from hasync.topics import Topics
+from hasync.transport import Incoming, Will
+
+from .fakebroker import BrokerModel, Client
 
 # ---- message builders ---------------------------------------------------------------------------
 
@@ -114,8 +121,10 @@ def heartbeat(
     preempt: bool = True,
     incarnation: str | None = None,
     conn: int = 1,
-    role: Literal["primary", "standby", "candidate", "observing", "fault", "offline"] | None = None,
+    role: NodeRole | None = None,
     leader: str | None = None,
+    healthy: bool | None = None,
+    maintenance: bool = False,
 ) -> Heartbeat:
     """A peer's heartbeat (``online=False``: its Last Will)."""
     return Heartbeat(
@@ -123,53 +132,14 @@ def heartbeat(
         incarnation=incarnation or f"{node}-1",
         conn=conn,
         online=online,
-        role=role or ("standby" if online else "offline"),
+        role=role or (NodeRole.STANDBY if online else NodeRole.OFFLINE),
         view=View(term=view[0], seq=view[1]) if view else None,
         leader=leader,
         priority=priority,
         preempt=preempt,
-        healthy=eligible,
+        healthy=eligible if healthy is None else healthy,
         eligible=eligible and online,
-    )
-
-
-_HB_ROLES: dict[Role, Literal["primary", "standby", "candidate", "observing", "offline"]] = {
-    Role.DISCONNECTED: "offline",
-    Role.OBSERVING: "observing",
-    Role.FOLLOWER: "standby",
-    Role.CANDIDATE: "candidate",
-    Role.LEADER: "primary",
-}
-
-
-def heartbeat_of(election: Election, now: float) -> Heartbeat:
-    """The heartbeat a node publishes, built from its election state."""
-    return Heartbeat(
-        node=election.node_id,
-        incarnation=election.incarnation,
-        conn=election.conn,
-        online=True,
-        role=_HB_ROLES[election.role],
-        view=election.view(),
-        leader=election.leader,
-        priority=election.priority,
-        preempt=election.preempt,
-        healthy=election.healthy,
-        eligible=election.eligible(now),
-        maintenance=election.maintenance,
-    )
-
-
-def will_of(election: Election) -> Heartbeat:
-    """The Last Will registered with the broker for the node's current connection."""
-    return Heartbeat(
-        node=election.node_id,
-        incarnation=election.incarnation,
-        conn=election.conn,
-        online=False,
-        role="offline",
-        priority=election.priority,
-        preempt=election.preempt,
+        maintenance=maintenance,
     )
 
 
@@ -226,6 +196,7 @@ class Host:
     paused: bool = False
     paused_at: float = 0.0
     agent_session: int | None = None  # the session the agent believes it is on
+    router: Router | None = None
     backlog: list[Event] = field(default_factory=list)
     disconnect_pending: bool = False  # the broker dropped us while frozen: learn it on resume
     tick_token: int = 0
@@ -273,16 +244,16 @@ class Sim:
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._session_ids = itertools.count(1)
-        # broker state
-        self.lease_log: list[LeaseRecord] = []
-        self.retained_lease: LeaseRecord | None = None
-        self.retained_hb: dict[str, Heartbeat] = {}
-        self.wills: dict[int, Heartbeat] = {}  # session id -> will registered at connect
+        # the broker
+        self.topics = Topics("sim", "cluster")
+        self.model = BrokerModel()
+        self._clients: dict[int, Client] = {}  # session id -> the broker's connection
         self._fifo: dict[tuple[int, str], float] = {}  # (session, topic) -> last delivery time
         # records for the invariants
         self.intervals: list[Interval] = []
         self.winners: dict[int, list[tuple[str, str, float]]] = {}  # term -> (node, incarnation, when)
         self.excused: list[str] = []  # terms won twice across a loss of the broker's retained lease
+        self.reused_terms: set[int] = set()
         self.leader_samples: list[tuple[float, str | None]] = []
         self.last_disturbance = 0.0
         self.violations: list[str] = []
@@ -293,6 +264,16 @@ class Sim:
         self._triggers: list[tuple[str, float, Callable[[str], None]]] = []
         self.broker_down_until = 0.0
         self.amnesia_at: float | None = None  # the broker last lost or rolled back its retained lease
+
+    @property
+    def retained_lease(self) -> LeaseRecord | None:
+        payload = self.model.retained.get(self.topics.lease)
+        return parse(LeaseRecord, payload) if payload else None
+
+    @property
+    def lease_log(self) -> list[LeaseRecord]:
+        """Every lease record the broker accepted, in its order."""
+        return [parse(LeaseRecord, p.payload) for p in self.model.log if p.topic == self.topics.lease and p.payload]
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -337,6 +318,7 @@ class Sim:
                 node_id, f"{node_id}-{h.restarts}", priority=h.priority, preempt=h.preempt,
                 timing=self.timing,
             )
+            h.router = Router(self.topics, node_id)
             self.trace(f"{node_id}: start incarnation {h.election.incarnation}")
             self.disturbed()
             self._handle(h, HealthChanged(h.healthy, "" if h.healthy else "sim"))
@@ -445,7 +427,7 @@ class Sim:
         e = h.election
         assert e is not None
         if h.believes_connected:
-            self._publish_hb_from(h, heartbeat_of(e, h.local(self.now)), h.session)
+            self._publish_hb_from(h, heartbeats.build(e, h.local(self.now)), h.session)
         self._schedule_heartbeat(h)
 
     # ---- the broker -------------------------------------------------------------------------------
@@ -463,7 +445,8 @@ class Sim:
             if h.session != session:
                 self.trace(f"broker: lost {_short(rec)} from dead session of {h.node_id}")
                 return
-            self.broker_publish_lease(rec, retain)
+            self.trace(f"broker: {_short(rec)}")
+            self.model.publish(self._clients[session], self.topics.lease, rec.to_payload(), retain=retain)
 
         self.at(self._uplink(h), arrive)
 
@@ -473,36 +456,27 @@ class Sim:
 
         def arrive() -> None:
             if h.session == session:
-                self.broker_publish_hb(hb)
+                self.model.publish(self._clients[session], self.topics.heartbeat(hb.node), hb.to_payload(),
+                                   retain=True)
 
         self.at(self._uplink(h), arrive)
 
-    def broker_publish_lease(self, rec: LeaseRecord, retain: bool) -> None:
-        self.lease_log.append(rec)
-        if retain:
-            self.retained_lease = rec
-        self.trace(f"broker: #{len(self.lease_log)} {_short(rec)}")
-        for h in self.hosts.values():
-            if h.session is not None:
-                self._deliver(h, h.session, "lease", RecordReceived(rec), dup=True)
-
-    def broker_publish_hb(self, hb: Heartbeat) -> None:
-        self.retained_hb[hb.node] = hb
-        for h in self.hosts.values():
-            if h.session is not None:
-                self._deliver(h, h.session, f"hb/{hb.node}", HeartbeatReceived(hb), dup=True)
-
-    def _deliver(self, h: Host, session: int, topic: str, event: Event, *, dup: bool = False) -> None:
-        key = (session, topic)
+    def _deliver(self, h: Host, session: int, message: Incoming) -> None:
+        """The broker hands ``message`` to the host's connection: it arrives after a network delay, behind
+        every earlier message of its topic; a live one may come again later (a QoS 1 duplicate)."""
+        key = (session, message.topic)
         t = max(self._fifo.get(key, 0.0), self.now + self._delay(h.net.down_min, h.net.down_max))
         self._fifo[key] = t
 
         def arrive() -> None:
             if h.session == session and h.alive and h.believes_connected:
-                self._handle(h, event)
+                assert h.router is not None
+                routed = h.router.route(message)  # the agent's own decoding: a MessageError fails the test
+                if isinstance(routed, ToElection):
+                    self._handle(h, routed.event)
 
         self.at(t, arrive)
-        if dup and h.net.dup_p > 0 and self.rng.random() < h.net.dup_p:
+        if not message.retain and h.net.dup_p > 0 and self.rng.random() < h.net.dup_p:
             self.at(t + self._delay(0, h.net.replay_max), arrive)
 
     def _open_session(self, h: Host) -> None:
@@ -515,12 +489,11 @@ class Sim:
         self.trace(f"{h.node_id}: connected, session {session}, conn {e.conn + 1}")
         self.disturbed()
         self._handle(h, Connected(e.conn + 1))
-        self.wills[session] = will_of(e)
+        will = Will(self.topics.heartbeat(h.node_id), heartbeats.build(e, h.local(self.now), online=False).to_payload())
+        client = self.model.connect(f"{h.node_id}-{session}", will, functools.partial(self._deliver, h, session))
+        self._clients[session] = client
         # retained messages first, then whatever is published after the subscription
-        if self.retained_lease is not None:
-            self._deliver(h, session, "lease", RecordReceived(self.retained_lease, retained=True))
-        for node, hb in sorted(self.retained_hb.items()):
-            self._deliver(h, session, f"hb/{node}", HeartbeatReceived(hb))
+        self.model.subscribe(client, self.topics.lease, self.topics.all_heartbeats)
         self._publish_heartbeat(h)
 
     def _connect_later(self, h: Host, delay: float) -> None:
@@ -546,8 +519,9 @@ class Sim:
             return
         h.session = None
         self.disturbed()
-        if will:
-            hb = self.wills[session]
+        registered = self.model.drop(self._clients.pop(session))
+        if will and registered is not None:
+            hb = parse(Heartbeat, registered.payload)
             closed_at = self.now
 
             def publish_will() -> None:
@@ -562,7 +536,7 @@ class Sim:
                         return
                 self.trace(f"broker: will of {hb.node} {hb.incarnation}:{hb.conn}")
                 self.disturbed()
-                self.broker_publish_hb(hb)
+                self.model.publish(None, registered.topic, registered.payload, retain=True)
 
             self.at(self.now + will_delay, publish_will)
 
@@ -690,10 +664,11 @@ class Sim:
                 self._close_session(h, will=False)
                 self.at(self.now + self._delay(0.0, 0.3), functools.partial(self._lose_connection, h))
         if restore != "keep":
-            self.retained_lease = restore
             self.amnesia_at = self.now
             if restore is None:
-                self.retained_hb.clear()  # no persistence at all
+                self.model.retained.clear()  # no persistence at all
+            else:
+                self.model.retained[self.topics.lease] = restore.to_payload()
         self.at(self.now + down_for, self.disturbed)
 
     def _check_winner(self, term: int, node: str, incarnation: str) -> None:
@@ -707,6 +682,7 @@ class Sim:
             what = f"{self.now:.4f}: term {term} won by {other}/{other_inc} at {when:.4f} and {node}/{incarnation}"
             if self.amnesia_at is not None and self.amnesia_at >= when:
                 self.excused.append(what)
+                self.reused_terms.add(term)
             else:
                 self.violations.append(what)
         self.winners.setdefault(term, []).append((node, incarnation, self.now))

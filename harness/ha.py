@@ -45,7 +45,9 @@ from typing import Any, Self
 
 import aiohttp
 import yaml
-from brokers import HOST, free_port, terminate
+
+from .brokers import terminate
+from .wait import HOST, free_port
 
 HA_VERSION = "2024.3.3"
 HA_VENV = Path(__file__).resolve().parent.parent / ".cache" / "ha-venv"

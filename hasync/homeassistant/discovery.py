@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import Command
-from .topics import Topics
+from ..messages import Command
+from ..topics import Topics
 
 PRIMARY_ON = "ON"
 PRIMARY_OFF = "OFF"
