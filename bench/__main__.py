@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import scenarios, testlib
+from harness.brokers import mosquitto_binary
+from harness.ha import HA_VERSION, ha_installed
+
+from . import scenarios
 from .analysis import ANALYSIS
 from .cluster import timings_text
 from .registry import SCENARIOS, Context
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(
         mode=args.mode,
         command=command.strip(),
-        machine=machine(testlib.mosquitto_binary(), testlib.ha_version() if testlib.ha_installed() else None),
+        machine=machine(mosquitto_binary(), HA_VERSION if ha_installed() else None),
         timings=timings_text(),
         started=datetime.datetime.now(datetime.UTC),
         load_start=load_average(),

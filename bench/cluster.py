@@ -16,7 +16,7 @@ import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from harness.agents import AgentProcess, Cluster
+from harness.wait import wait_until
 from hasync.audit import Tenure, overlaps, tenures
 from hasync.config import BrokerConfig, ElectionConfig
 from hasync.messages import Command
 from hasync.topics import Topics
-
-from . import testlib
 
 CLUSTER = "test"  # what tests/agents.py configures
 T = TypeVar("T")
@@ -61,18 +61,6 @@ def timings_text() -> str:
             "`preempt: false` (see bench/cluster.py), so preempt_delay never comes into play.")
 
 
-def poll(predicate: Callable[[], T | None], timeout: float, what: str, step: float = 0.02) -> T:
-    """Poll until ``predicate`` returns something other than None/False; TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
-
-
 @dataclass(frozen=True)
 class Audit:
     """The overlap check of one run: overlaps (seconds) of tenures that began in the run, and the gap
@@ -87,7 +75,7 @@ class BenchCluster:
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
         self.topics = Topics(self.prefix, CLUSTER)
         self.broker_url = broker_url
-        self.cluster = testlib.cluster(workdir, broker_url, self.prefix)
+        self.cluster = Cluster(workdir, broker_url, self.prefix)
         self.priorities = nodes
         self.settings = {**production_settings(), **settings}
         self.deaths: dict[str, float] = {}  # "node#incarnation" -> time of its kill -9
@@ -120,7 +108,7 @@ class BenchCluster:
                     agent.process.wait()
 
     @property
-    def agents(self) -> dict[str, testlib.Agent]:
+    def agents(self) -> dict[str, AgentProcess]:
         return self.cluster.agents
 
     # ---- state --------------------------------------------------------------------------------
@@ -178,7 +166,7 @@ class BenchCluster:
                 return None
             return leader if since is not None and now - since >= hold else None
 
-        return poll(settled, timeout, "a stable cluster (one primary, all connected and eligible)", step=0.1)
+        return wait_until(settled, timeout, "a stable cluster (one primary, all connected and eligible)", step=0.1)
 
     def next_promotion(self, after: float, timeout: float, exclude: str | None = None) -> dict[str, Any]:
         """The first promotion event after monotonic time ``after`` (its ``node`` is the plain node id)."""
@@ -189,7 +177,7 @@ class BenchCluster:
                             key=lambda e: e["t"])
             return promos[0] if promos else None
 
-        return poll(found, timeout, f"a promotion after t={after:.3f}", step=0.01)
+        return wait_until(found, timeout, f"a promotion after t={after:.3f}", step=0.01)
 
     def audit(self, since: float) -> Audit:
         """Overlaps among tenures that began after ``since``, and the newest tenure's gap to the one
@@ -242,7 +230,7 @@ class CommandSender:
         self._client.on_connect = self._on_connect
         self._client.connect(cfg.host, cfg.port)
         self._client.loop_start()
-        poll(lambda: self._connected, 10, "the command client to connect")
+        wait_until(lambda: self._connected, 10, "the command client to connect")
 
     def _on_connect(self, *_: object) -> None:
         self._connected = True

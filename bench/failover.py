@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.brokers import AmqttProcess, BrokerProcess, MosquittoProcess
 from hasync.config import ElectionConfig
 
-from . import testlib
 from .cluster import BenchCluster, CommandSender, command_sender
 from .registry import Context, scenario
 from .report import Result, Row, Target
@@ -26,11 +26,11 @@ NODES = {"n1": 300, "n2": 200, "n3": 100}
 LEASE = ElectionConfig().lease_duration
 
 
-def make_broker(kind: str, workdir: Path) -> testlib.Broker:
+def make_broker(kind: str, workdir: Path) -> BrokerProcess:
     if kind == "mosquitto":
         # Persistence as in broker/mosquitto.conf: a graceful restart keeps the retained lease.
-        return testlib.mosquitto(workdir, persistence=True)
-    return testlib.amqtt(workdir)
+        return MosquittoProcess(workdir, persistence=True)
+    return AmqttProcess(workdir)
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Sample:
 @dataclass
 class Env:
     bc: BenchCluster
-    broker: testlib.Broker
+    broker: BrokerProcess
     sender: CommandSender | None
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import testlib
+from harness.brokers import MosquittoProcess
+
 from .cluster import BenchCluster
 from .registry import Context, scenario
 from .report import Result, Row, Target
@@ -62,7 +63,7 @@ def measure(ctx: Context, name: str, load: Load | None, **settings: Any) -> Resu
         f"{window:.0f} s ({slices} samples per agent; CPU % = CPU seconds / wall seconds of the slice, "
         f"100 % = one core) and its VmRSS at the end of each slice. The standby rows pool both standbys."))
     workdir = ctx.workdir / name
-    broker = testlib.mosquitto(workdir / "broker")
+    broker = MosquittoProcess(workdir / "broker")
     rss: dict[str, list[float]] = {"primary": [], "standby": []}
     cpu: dict[str, list[float]] = {"primary": [], "standby": []}
     started = time.monotonic()

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import testlib
-from .cluster import BenchCluster, poll
+from harness.brokers import MosquittoProcess
+from harness.ha import HA_VERSION, HomeAssistant, ha_installed, start_home_assistants, stop_home_assistants
+from harness.wait import wait_until
+
+from .cluster import BenchCluster
 from .registry import Context, scenario
 from .report import Result, Row
 
@@ -26,7 +29,7 @@ def sensor(node: str) -> str:
     return f"binary_sensor.hasync_test_{node}_primary"
 
 
-def changed_since(ha: testlib.HomeAssistant, entity: str, accept: Callable[[str], bool], since: float,
+def changed_since(ha: HomeAssistant, entity: str, accept: Callable[[str], bool], since: float,
                   timeout: float) -> float:
     """Wall-clock time at which ``entity`` changed to a state ``accept`` takes, no earlier than ``since``."""
 
@@ -37,7 +40,7 @@ def changed_since(ha: testlib.HomeAssistant, entity: str, accept: Callable[[str]
         changed = datetime.fromisoformat(state["last_changed"]).timestamp()
         return changed if changed >= since else None
 
-    return poll(found, timeout, f"{entity} to change in HA {ha.name}", step=0.05)
+    return wait_until(found, timeout, f"{entity} to change in HA {ha.name}", step=0.05)
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Samples:
     overlap: list[float] = field(default_factory=list)
 
 
-def _measure(ctx: Context, bc: BenchCluster, has: dict[str, testlib.HomeAssistant], runs: int, *, samples: Samples,
+def _measure(ctx: Context, bc: BenchCluster, has: dict[str, HomeAssistant], runs: int, *, samples: Samples,
              result: Result) -> None:
     def settled() -> str:
         leader = bc.wait_stable(timeout=60)
@@ -85,22 +88,22 @@ def ha_failover(ctx: Context) -> Result:
     name = "failover-kill-ha"
     runs = ctx.runs(3, 30)
     result = Result(name, "crash failover seen in Home Assistant (2 nodes, each with its own HA), Mosquitto", (
-        f"Two agents (production timings) beside two Home Assistant {testlib.ha_version()} instances, one "
+        f"Two agents (production timings) beside two Home Assistant {HA_VERSION} instances, one "
         "Mosquitto. Each run kills the primary's agent with SIGKILL, waits for the other node's primary "
         "sensor to turn on in its HA, restarts the killed agent and waits until both HAs show the settled "
         f"state again. {runs} runs."))
-    if not testlib.ha_installed():
+    if not ha_installed():
         result.rows.append(Row("kill -9 → new primary's sensor on in its HA", "ms",
                                pending="TODO: not run, Home Assistant not installed (scripts/setup-ha.sh)"))
         return result
     workdir = ctx.workdir / name
-    broker = testlib.mosquitto(workdir / "broker", persistence=True)
-    has: dict[str, testlib.HomeAssistant] = {}
+    broker = MosquittoProcess(workdir / "broker", persistence=True)
+    has: dict[str, HomeAssistant] = {}
     samples = Samples()
     started = time.monotonic()
     broker.start()
     try:
-        has = testlib.start_home_assistants(workdir, list(NODES), broker.port)
+        has = start_home_assistants(workdir, list(NODES), broker.port)
         ctx.log(f"{name}: Home Assistants up")
         with BenchCluster(workdir / "agents", broker.url, NODES) as bc:
             _measure(ctx, bc, has, runs, samples=samples, result=result)
@@ -110,7 +113,7 @@ def ha_failover(ctx: Context) -> Result:
         for ha in has.values():
             ctx.log(f"HA {ha.name} log:\n{ha.log_tail()}")
     finally:
-        testlib.stop_home_assistants(has)
+        stop_home_assistants(has)
         broker.stop()
     result.seconds = time.monotonic() - started
     result.overlap = (len(samples.overlap), sum(1 for o in samples.overlap if o > 0),

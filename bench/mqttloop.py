@@ -27,9 +27,9 @@ from typing import Any
 
 import aiomqtt
 
+from harness.brokers import AmqttProcess, BrokerProcess, MosquittoProcess
 from hasync.mqtt import no_delay
 
-from . import testlib
 from .registry import Context, scenario
 from .report import Result, Row
 
@@ -140,7 +140,7 @@ class Phase:
 
 
 @contextlib.contextmanager
-def subscriber(broker: testlib.Broker, prefix: str, expect: int, out: Path) -> Iterator[subprocess.Popen[bytes]]:
+def subscriber(broker: BrokerProcess, prefix: str, expect: int, out: Path) -> Iterator[subprocess.Popen[bytes]]:
     host = broker.url.split("//")[1].split(":")[0]
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.mqttloop", "subscribe", "--host", host, "--port", str(broker.port),
@@ -164,7 +164,7 @@ def subscriber(broker: testlib.Broker, prefix: str, expect: int, out: Path) -> I
             process.stdout.close()
 
 
-def phase(broker: testlib.Broker, workdir: Path, count: int, rate: float | None) -> Phase:
+def phase(broker: BrokerProcess, workdir: Path, count: int, rate: float | None) -> Phase:
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     out = workdir / f"{prefix.replace('/', '-')}.json"
     host = broker.url.split("//")[1].split(":")[0]
@@ -188,7 +188,7 @@ def run_loop(ctx: Context, broker_kind: str) -> Result:
         f"{repeats} time(s). Both clients set TCP_NODELAY, as the agents do."))
     workdir = ctx.workdir / name
     workdir.mkdir(parents=True, exist_ok=True)
-    broker = testlib.mosquitto(workdir / "broker") if broker_kind == "mosquitto" else testlib.amqtt(workdir / "broker")
+    broker = MosquittoProcess(workdir / "broker") if broker_kind == "mosquitto" else AmqttProcess(workdir / "broker")
     started = time.monotonic()
     broker.start()
     try:

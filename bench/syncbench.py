@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import http.client
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -29,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import mqttloop, testlib
-from .cluster import poll
+from harness.agents import AgentProcess, Cluster, MemoryApi
+from harness.brokers import AmqttProcess, MosquittoProcess
+from harness.wait import wait_until
+
+from . import mqttloop
 from .registry import Context, scenario
 from .report import Result, Row, Target
 from .stats import percentile
@@ -42,44 +43,6 @@ SYNC_SETTINGS: dict[str, Any] = {
 }
 ENTITIES = 1000
 BATCH_INTERVAL = 0.01  # s between two requests of a paced phase
-
-
-class Api:
-    """One keep-alive HTTP connection to an agent's API."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        self.conn.request(method, path, data, {"Content-Type": "application/json"} if data else {})
-        response = self.conn.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{method} {path}: HTTP {response.status}: {payload[:200]!r}")
-        return json.loads(payload) if payload else None
-
-    def put(self, values: dict[str, str]) -> None:
-        self.request("PUT", "/sync/entities", {e: {"state": v} for e, v in values.items()})
-
-    def applied(self, after: int) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.request("GET", f"/sync/applied?after={after}")
-        return result
-
-    def all_applied(self) -> list[dict[str, Any]]:
-        """Every entry of the apply log, page by page."""
-        entries: list[dict[str, Any]] = []
-        while page := self.applied(entries[-1]["seq"] if entries else 0):
-            entries.extend(page)
-        return entries
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", "/healthz")
-        return result
 
 
 @dataclass
@@ -94,18 +57,18 @@ class Pair:
 
     def __init__(self, workdir: Path, broker_kind: str) -> None:
         self.workdir = workdir
-        self.broker = (testlib.mosquitto(workdir / "broker") if broker_kind == "mosquitto"
-                       else testlib.amqtt(workdir / "broker"))
-        self.cluster: testlib.Cluster | None = None
+        self.broker = (MosquittoProcess(workdir / "broker") if broker_kind == "mosquitto"
+                       else AmqttProcess(workdir / "broker"))
+        self.cluster: Cluster | None = None
         self._seq = 0  # the last applied entry of B already read
 
     def __enter__(self) -> Pair:
         self.broker.start()
         try:
-            self.cluster = testlib.cluster(self.workdir / "agents", self.broker.url, f"bench{time.monotonic_ns()}")
+            self.cluster = Cluster(self.workdir / "agents", self.broker.url, f"bench{time.monotonic_ns()}")
             self.a = self.join("a", priority=100)
             self.b = self.join("b", priority=90)
-            self.api_a, self.api_b = Api(self.a.http_port), Api(self.b.http_port)
+            self.api_a, self.api_b = MemoryApi(self.a.http_port), MemoryApi(self.b.http_port)
         except BaseException:
             self.close()
             raise
@@ -122,10 +85,10 @@ class Pair:
         finally:
             self.broker.stop()
 
-    def join(self, node: str, priority: int = 10) -> testlib.Agent:
+    def join(self, node: str, priority: int = 10) -> AgentProcess:
         assert self.cluster is not None
         agent = self.cluster.add(node, priority=priority, **SYNC_SETTINGS)
-        poll(lambda: (agent.status().get("sync") or {}).get("synced"), 30, f"{node} to sync")
+        wait_until(lambda: (agent.status().get("sync") or {}).get("synced"), 30, f"{node} to sync")
         return agent
 
     def applied_on_b(self, expected: set[tuple[str, str]], timeout: float) -> dict[tuple[str, str], float]:
@@ -143,7 +106,7 @@ class Pair:
             time.sleep(0.05)
 
 
-def paced(api: Api, rate: float, seconds: float, tag: str) -> list[Sent]:
+def paced(api: MemoryApi, rate: float, seconds: float, tag: str) -> list[Sent]:
     per_batch = max(1, round(rate * BATCH_INTERVAL))
     interval = per_batch / rate
     batches = int(seconds / interval)
@@ -204,7 +167,7 @@ def throughput_row(ctx: Context, pair: Pair, result: Result, ceiling: list[float
                                Target("median", 0.5, at_least=True)))
 
 
-def _applied_at_least(agent: testlib.Agent, count: int) -> bool:
+def _applied_at_least(agent: AgentProcess, count: int) -> bool:
     return agent.metric("hasync_sync_applied_total") >= count
 
 
@@ -215,16 +178,16 @@ def snapshot_rows(ctx: Context, pair: Pair, result: Result) -> None:
         for k in range(have, size, 1000):
             pair.api_a.put(dict(list(values.items())[k:k + 1000]))
         have = size
-        poll(lambda: (pair.api_a.status().get("sync") or {}).get("pending") == 0, 60, "A to settle")
+        wait_until(lambda: (pair.api_a.status().get("sync") or {}).get("pending") == 0, 60, "A to settle")
         times: list[float] = []
         for run in range(runs):
             node = f"join{size}x{run}"
             t0 = time.monotonic()
             agent = pair.join(node)
-            api = Api(agent.http_port)
+            api = MemoryApi(agent.http_port)
             try:
                 # Cheap to poll: the joiner's count of applies; its apply log is read once, at the end.
-                poll(functools.partial(_applied_at_least, agent, size), 60, f"{node} to hold {size} entities")
+                wait_until(functools.partial(_applied_at_least, agent, size), 60, f"{node} to hold {size} entities")
                 entries = [e for e in api.all_applied() if e["entity_id"].startswith("input_boolean.snap_")]
                 if len(entries) != size:
                     raise RuntimeError(f"{node} applied {len(entries)} snapshot entities, expected {size}")
@@ -279,7 +242,7 @@ def background_load(api_port: int, rate: float) -> Iterator[None]:
     stop = threading.Event()
 
     def drive() -> None:
-        api = Api(api_port)
+        api = MemoryApi(api_port)
         try:
             seq = 0
             start = time.monotonic()

@@ -15,8 +15,11 @@ import traceback
 from datetime import datetime
 from typing import Any
 
-from . import testlib
-from .cluster import poll
+from harness.agents import AgentProcess, Cluster
+from harness.brokers import MosquittoProcess
+from harness.ha import HomeAssistant, ha_installed, start_home_assistants, stop_home_assistants
+from harness.wait import wait_until
+
 from .registry import Context, scenario
 from .report import Result, Row
 
@@ -27,7 +30,7 @@ def _changed(state: dict[str, Any]) -> float:
     return datetime.fromisoformat(state["last_changed"]).timestamp()
 
 
-def _ready(agent: testlib.Agent) -> bool:
+def _ready(agent: AgentProcess) -> bool:
     status = agent.status()
     return bool((status.get("sync") or {}).get("synced") and (status.get("home_assistant") or {}).get("healthy"))
 
@@ -43,32 +46,32 @@ def sync_ha(ctx: Context) -> Result:
     runs = ctx.runs(5, 30)
     result = Result(name, "state sync through real Home Assistant, Mosquitto", (__doc__ or "").split("\n\n")[1]
                     .replace("\n", " ") + f" {runs} runs.")
-    if not testlib.ha_installed():
+    if not ha_installed():
         result.rows.append(Row("HA A change → same value in HA B", "ms",
                                pending="TODO: not run, Home Assistant not installed (scripts/setup-ha.sh)"))
         return result
     workdir = ctx.workdir / name
-    broker = testlib.mosquitto(workdir / "broker")
-    has: dict[str, testlib.HomeAssistant] = {}
+    broker = MosquittoProcess(workdir / "broker")
+    has: dict[str, HomeAssistant] = {}
     samples: list[float] = []
     started = time.monotonic()
     broker.start()
     try:
-        has = testlib.start_home_assistants(workdir, ["ha_a", "ha_b"], broker.port)
-        cluster = testlib.cluster(workdir / "agents", broker.url, f"bench{time.monotonic_ns()}")
+        has = start_home_assistants(workdir, ["ha_a", "ha_b"], broker.port)
+        cluster = Cluster(workdir / "agents", broker.url, f"bench{time.monotonic_ns()}")
         try:
             for priority, (node, ha) in zip((200, 100), has.items(), strict=True):
                 cluster.add(node, priority=priority, log={"level": "INFO"},
                             homeassistant={"discovery": False, "url": ha.url, "token": ha.token})
             for node, agent in cluster.agents.items():
-                poll(functools.partial(_ready, agent), 60, f"{node}'s sync and HA link")
+                wait_until(functools.partial(_ready, agent), 60, f"{node}'s sync and HA link")
             a, b = has["ha_a"], has["ha_b"]
             for i in range(runs):
                 value = f"{(i % 90) + 1}.0"
                 [changed] = [s for s in a.call_service("input_number", "set_value",
                                                        {"entity_id": ENTITY, "value": float(value)})
                              if s["entity_id"] == ENTITY]
-                mirrored = poll(functools.partial(_holds, b, value), 10, f"{ENTITY} = {value} in HA B", step=0.01)
+                mirrored = wait_until(functools.partial(_holds, b, value), 10, f"{ENTITY} = {value} in HA B", step=0.01)
                 samples.append((_changed(mirrored) - _changed(changed)) * 1000)
             ctx.log(f"{name}: {runs} runs, median {sorted(samples)[len(samples) // 2]:.1f} ms")
         finally:
@@ -77,7 +80,7 @@ def sync_ha(ctx: Context) -> Result:
         result.failures.append(f"aborted after {len(samples)} runs: {exc!r}")
         ctx.log(f"{name} FAILED: {traceback.format_exc()}")
     finally:
-        testlib.stop_home_assistants(has)
+        stop_home_assistants(has)
         broker.stop()
     result.seconds = time.monotonic() - started
     result.rows.append(Row("HA A change → same value in HA B (HA's last_changed)", "ms", samples))

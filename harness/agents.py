@@ -261,9 +261,7 @@ class Cluster:
             leaders = [e for e in self.leaders_since(after) if e["node"] != exclude]
             return leaders[0]["node"] if leaders else None
 
-        node = wait_until(found, timeout, f"a new primary (after t={after:.2f})")
-        assert node is not None
-        return node
+        return wait_until(found, timeout, f"a new primary (after t={after:.2f})")
 
     def check_invariants(self) -> None:
         # An agent just woken from SIGSTOP may not have logged its (past) demotion yet; two answers

@@ -24,6 +24,7 @@ import copy
 import itertools
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -124,17 +125,18 @@ class FakeHomeAssistant:
         self.token = token
         self.version = str(_TEMPLATES["auth_ok"]["ha_version"])
         self.entities: dict[str, _Entity] = {}
-        for entity_id, (state, attributes) in (entities or {}).items():
-            self.add(entity_id, state, attributes)
+        self.sockets: set[FakeWebSocket] = set()
         self.up = True
         self.hang = False  # answers nothing (HA hung); the connection stays open
         self.mqtt_connected = True
+        self.mqtt_echo = True  # False: HA publishes, but the broker never sends it back (an ACL dropping it)
         self.mqtt_entry_state: str | None = "loaded"  # None: the MQTT integration is not set up
         self.admin = True  # the token's user may use mqtt/subscribe
-        self.sockets: set[FakeWebSocket] = set()
         self.calls: list[dict[str, Any]] = []
         self.connections = 0
         self._registry_ids = itertools.count(1)
+        for entity_id, (state, attributes) in (entities or {}).items():
+            self.add(entity_id, state, attributes)
 
     # ---- the seam ---------------------------------------------------------------------------------
 
@@ -180,6 +182,11 @@ class FakeHomeAssistant:
 
     def start(self) -> None:
         self.up = True
+
+    def send_raw(self, text: str) -> None:
+        """Something HA's websocket would not normally say, to every connection (garbage, a stray answer)."""
+        for ws in list(self.sockets):
+            ws._out.put_nowait(aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, text, None))
 
     def commands(self, kind: str) -> list[dict[str, Any]]:
         return [c for c in self.calls if c.get("type") == kind]
@@ -283,7 +290,8 @@ class FakeHomeAssistant:
                 if not self.mqtt_connected:
                     ws.push(_frame("mqtt_publish_disconnected", id=ident))
                     return
-                self._mqtt_message(str(data.get("topic")), str(data.get("payload")))
+                if self.mqtt_echo:
+                    self._mqtt_message(str(data.get("topic")), str(data.get("payload")))
             case ("automation", "turn_on" | "turn_off"):
                 targets = (message.get("target") or {}).get("entity_id") or []
                 for entity_id in [targets] if isinstance(targets, str) else targets:
@@ -353,3 +361,29 @@ class FakeHomeAssistant:
                     event = copy.deepcopy(_TEMPLATES["mqtt_message"]["event"])
                     event.update(topic=topic, payload=payload)
                     ws.push({**_frame("mqtt_message", id=ident), "event": event})
+
+
+class HealthChanges:
+    """Records every ``on_change(healthy, detail)`` of a link; ``wait_for`` waits for one that matches."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, str]] = []
+        self._changed = asyncio.Event()
+        self._seen = 0
+
+    def __call__(self, healthy: bool, detail: str) -> None:
+        self.calls.append((healthy, detail))
+        self._changed.set()
+
+    async def wait_for(
+        self, healthy: bool, within: float, detail: Callable[[str], bool] = lambda _: True
+    ) -> tuple[bool, str]:
+        """The first call since the last wait_for() (or the start) with ``healthy`` and a matching detail."""
+        async with asyncio.timeout(within):
+            while True:
+                for index, call in enumerate(self.calls[self._seen :], start=self._seen):
+                    if call[0] == healthy and detail(call[1]):
+                        self._seen = index + 1
+                        return call
+                self._changed.clear()
+                await self._changed.wait()

@@ -521,3 +521,22 @@ class HomeAssistant:
 StartHA = Callable[..., list[HomeAssistant]]
 """The ``start_ha`` fixture: ``start_ha(*names, mqtt_port=None, **options)`` starts copies of the onboarded
 template (``options`` as for ``HomeAssistant``)."""
+
+
+def start_home_assistants(workdir: Path, names: list[str], mqtt_port: int) -> dict[str, HomeAssistant]:
+    """Onboard a template instance once, copy it per name (MQTT on ``mqtt_port``), start the copies at once.
+    The caller stops them with ``stop_home_assistants``, also when this raises part way."""
+    template = HomeAssistant(workdir / "ha-template", name="template")
+    try:
+        template.start()
+    finally:
+        template.stop()
+    has = {name: HomeAssistant.copy_of(template, workdir / name, name=name, mqtt_port=mqtt_port) for name in names}
+    with ThreadPoolExecutor(len(has)) as pool:
+        list(pool.map(lambda ha: ha.start(), has.values()))
+    return has
+
+
+def stop_home_assistants(has: dict[str, HomeAssistant]) -> None:
+    with ThreadPoolExecutor(max(len(has), 1)) as pool:
+        list(pool.map(lambda ha: ha.stop(), has.values()))

@@ -36,9 +36,11 @@ def load() -> dict[str, Any]:
 
 
 def shape(value: Any) -> Any:
-    """Keys and JSON types, recursively; a list by the union of its items' shapes (as a sorted list)."""
+    """Keys and JSON types, recursively; a list by the union of its items' shapes (as a sorted list). An
+    entity's ``attributes`` are its integration's business: only their type counts."""
     if isinstance(value, dict):
-        return {key: shape(item) for key, item in sorted(value.items())}
+        return {key: "object" if key == "attributes" and isinstance(item, dict) else shape(item)
+                for key, item in sorted(value.items())}
     if isinstance(value, list):
         shapes: list[Any] = []
         for item in value:

@@ -20,7 +20,7 @@ def free_port(host: str = HOST) -> int:
         return port
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, step: float = 0.02) -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, step: float = 0.02) -> T:
     """Poll ``predicate`` until it returns something true, and return that; AssertionError naming ``what``
     after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -33,7 +33,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, step: floa
         time.sleep(step)
 
 
-async def eventually(predicate: Callable[[], T], timeout: float, what: str, step: float = 0.01) -> T:
+async def eventually(predicate: Callable[[], T | None], timeout: float, what: str, step: float = 0.01) -> T:
     """``wait_until`` for the event loop: polls without blocking it (on a virtual clock, at no cost)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -1,5 +1,8 @@
-"""HomeAssistantLink against a real Home Assistant (tests/ha.py) and Mosquitto: health, every failure
-mode it names, reconnects, the MQTT echo check, and managed automations.
+"""HomeAssistantLink against a real Home Assistant (harness/ha.py) and Mosquitto: health, the failures only
+a real HA and broker show (HA stopping, its broker stopping, an ACL dropping its probe), managed
+automations; and the link's websocket opener against what is not Home Assistant (nothing listening, a host
+that does not resolve, a server without HA's API). The other failure modes and the state watching run
+against the fake Home Assistant in test_homeassistant_inprocess.py.
 
 Every wait is bounded and waits for a reported change (or polls a predicate), never for a fixed time.
 """
@@ -19,41 +22,18 @@ import pytest
 from aiohttp import web
 
 from harness.brokers import MosquittoProcess, mosquitto_binary
+from harness.fakeha import HealthChanges
 from harness.ha import TEST_EVENT, HomeAssistant, StartHA
 from harness.wait import HOST, free_port
+from hasync.homeassistant.automations import AutomationSwitch
 from hasync.homeassistant.errors import NotConnected
 from hasync.homeassistant.link import HomeAssistantLink
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240)]
+integration = pytest.mark.integration
 
 LOGGER = "hasync.homeassistant"
 KEPT = "automation.count_test_presses"  # the automation that TEST_EVENT triggers (tests/ha.py)
-
-
-class Changes:
-    """Records every on_change(healthy, detail) call; wait_for() waits for one that matches."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[bool, str]] = []
-        self._changed = asyncio.Event()
-        self._seen = 0
-
-    def __call__(self, healthy: bool, detail: str) -> None:
-        self.calls.append((healthy, detail))
-        self._changed.set()
-
-    async def wait_for(
-        self, healthy: bool, within: float, detail: Callable[[str], bool] = lambda _: True
-    ) -> tuple[bool, str]:
-        """The first call since the last wait_for() (or the start) with ``healthy`` and a matching detail."""
-        async with asyncio.timeout(within):
-            while True:
-                for index, call in enumerate(self.calls[self._seen :], start=self._seen):
-                    if call[0] == healthy and detail(call[1]):
-                        self._seen = index + 1
-                        return call
-                self._changed.clear()
-                await self._changed.wait()
 
 
 class LogWatch(logging.Handler):
@@ -84,11 +64,11 @@ def log_watch(caplog: pytest.LogCaptureFixture) -> Iterator[LogWatch]:
 
 def repeats(caplog: pytest.LogCaptureFixture) -> int:
     """How many failures the link logged as repeats (at DEBUG)."""
-    return sum(1 for r in caplog.records if r.name == LOGGER and "still unhealthy" in r.getMessage())
+    return sum(1 for r in caplog.records if r.name.startswith(LOGGER) and "still unhealthy" in r.getMessage())
 
 
 @asynccontextmanager
-async def link_to(url: str, token: str, changes: Changes, **options: Any) -> AsyncIterator[HomeAssistantLink]:
+async def link_to(url: str, token: str, changes: HealthChanges, **options: Any) -> AsyncIterator[HomeAssistantLink]:
     defaults: dict[str, Any] = {"check_interval": 0.5, "timeout": 3.0, "reconnect_min": 0.1, "reconnect_max": 1.0}
     async with HomeAssistantLink(url, token, on_change=changes, **(defaults | options)) as link:
         yield link
@@ -104,55 +84,37 @@ def ha(start_ha: StartHA, mosquitto: MosquittoProcess) -> HomeAssistant:
 # ---- healthy ------------------------------------------------------------------------------------------
 
 
+@integration
 async def test_healthy_with_good_url_and_token(ha: HomeAssistant, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    changes = Changes()
+    changes = HealthChanges()
     async with link_to(ha.url, ha.token, changes) as link:
         assert await changes.wait_for(True, within=30) == (True, "ok")
         assert link.healthy and link.detail == "ok" and link.connected
         assert link.ha_version == "2024.3.3"
     assert changes.calls == [(True, "ok")]
-    assert not [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING]
 
 
-# ---- wrong token, wrong URL -----------------------------------------------------------------------------
-
-
-async def test_wrong_token_is_one_error_and_never_healthy(
-    ha: HomeAssistant, caplog: pytest.LogCaptureFixture, log_watch: LogWatch
-) -> None:
-    changes = Changes()
-    async with link_to(ha.url, "not-a-valid-token", changes, reconnect_max=0.3) as link:
-        _, detail = await changes.wait_for(False, within=30)
-        assert "token" in detail
-        await log_watch.until(lambda: repeats(caplog) >= 3, within=30)  # retried, every reconnect_max
-        assert not link.healthy and "token" in link.detail
-        with pytest.raises(NotConnected):
-            await link.set_automations(False)
-    assert [healthy for healthy, _ in changes.calls] == [False]
-    errors = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.ERROR]
-    assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert "rejected the access token (auth_invalid" in errors[0].getMessage()
-    assert "long-lived access token" in errors[0].getMessage()
-    assert "not-a-valid-token" not in caplog.text
+# ---- what is not Home Assistant (no HA needed) ---------------------------------------------------------
 
 
 async def test_nothing_listening(caplog: pytest.LogCaptureFixture, log_watch: LogWatch) -> None:
     url = f"http://{HOST}:{free_port()}"
-    changes = Changes()
+    changes = HealthChanges()
     async with link_to(url, "token", changes) as link:
         _, detail = await changes.wait_for(False, within=10)
         assert detail == f"Home Assistant unreachable at {url}: Cannot connect (Connection refused)"
         await log_watch.until(lambda: repeats(caplog) >= 2, within=10)
         with pytest.raises(NotConnected, match="Connection refused"):
-            await link.set_automations(True)
-    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+            await AutomationSwitch(link).set_automations(True)
+    warnings = [r for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
 
 
 async def test_unresolvable_host() -> None:
     url = "http://hasync-no-such-host.invalid:8123"
-    changes = Changes()
+    changes = HealthChanges()
     async with link_to(url, "token", changes):
         _, detail = await changes.wait_for(False, within=15)
     # "Cannot resolve host", or a resolver that hangs runs into the connect timeout.
@@ -168,7 +130,7 @@ async def test_http_server_that_is_not_home_assistant() -> None:
         url = f"http://{HOST}:{sock.getsockname()[1]}"
         await web.SockSite(runner, sock).start()
         try:
-            changes = Changes()
+            changes = HealthChanges()
             async with link_to(url, "token", changes):
                 _, detail = await changes.wait_for(False, within=10)
         finally:
@@ -179,8 +141,9 @@ async def test_http_server_that_is_not_home_assistant() -> None:
 # ---- HA stopped and started again, broker stopped and started again ------------------------------------
 
 
+@integration
 async def test_ha_stopped_then_started(ha: HomeAssistant) -> None:
-    changes = Changes()
+    changes = HealthChanges()
     async with link_to(ha.url, ha.token, changes) as link:
         await changes.wait_for(True, within=30)
         stopping = time.monotonic()
@@ -198,8 +161,9 @@ async def test_ha_stopped_then_started(ha: HomeAssistant) -> None:
     print(f"\nHA stop -> unhealthy after {lost_after:.2f} s ({detail}); HA started -> healthy after {back_after:.2f} s")
 
 
+@integration
 async def test_ha_mqtt_connection_down_and_up(ha: HomeAssistant, mosquitto: MosquittoProcess) -> None:
-    changes = Changes()
+    changes = HealthChanges()
     async with link_to(ha.url, ha.token, changes) as link:
         await changes.wait_for(True, within=30)
         stopped = time.monotonic()
@@ -216,17 +180,7 @@ async def test_ha_mqtt_connection_down_and_up(ha: HomeAssistant, mosquitto: Mosq
     print(f"\nbroker stopped -> unhealthy after {down_after:.2f} s ({detail}); up -> healthy after {up_after:.2f} s")
 
 
-async def test_mqtt_integration_not_set_up(start_ha: StartHA) -> None:
-    (bare,) = start_ha("bare")  # no mqtt_port: HA has no MQTT config entry
-    changes = Changes()
-    async with link_to(bare.url, bare.token, changes) as link:
-        assert await changes.wait_for(False, within=30) == (
-            False,
-            "the MQTT integration is not set up in Home Assistant",
-        )
-        assert link.connected
-
-
+@integration
 async def test_echo_that_never_comes_back(start_ha: StartHA, tmp_path: Path) -> None:
     """A broker ACL that drops HA's probe: HA's client is connected, yet the probe cannot come back."""
     if mosquitto_binary() is None:
@@ -235,7 +189,7 @@ async def test_echo_that_never_comes_back(start_ha: StartHA, tmp_path: Path) -> 
     acl.write_text("topic readwrite homeassistant/#\n")  # anonymous clients: nothing else
     with MosquittoProcess(tmp_path / "acl-broker", extra_config=[f"acl_file {acl}"]) as broker:
         (instance,) = start_ha("acl", mqtt_port=broker.port)
-        changes = Changes()
+        changes = HealthChanges()
         async with link_to(instance.url, instance.token, changes, probe_topic="denied/probe") as link:
             _, detail = await changes.wait_for(False, within=30)
             assert detail.startswith(
@@ -248,6 +202,7 @@ async def test_echo_that_never_comes_back(start_ha: StartHA, tmp_path: Path) -> 
 # ---- managed automations --------------------------------------------------------------------------------
 
 
+@integration
 async def test_set_automations(ha: HomeAssistant) -> None:
     def automation_states() -> dict[str, str]:
         return {s["entity_id"]: s["state"] for s in ha.states() if s["entity_id"].startswith("automation.")}
@@ -257,26 +212,27 @@ async def test_set_automations(ha: HomeAssistant) -> None:
     others = sorted(set(before) - {KEPT})
     assert others, f"the generated configuration should define more automations than {KEPT}: {before}"
 
-    changes = Changes()
+    changes = HealthChanges()
     async with link_to(ha.url, ha.token, changes) as link:
         await changes.wait_for(True, within=30)
+        switch = AutomationSwitch(link)
 
-        assert await link.set_automations(False, keep=[KEPT]) == others
+        assert await switch.set_automations(False, keep=[KEPT]) == others
         assert await asyncio.to_thread(automation_states) == {**dict.fromkeys(others, "off"), KEPT: "on"}
-        assert await link.set_automations(False, keep=[KEPT]) == []
+        assert await switch.set_automations(False, keep=[KEPT]) == []
 
         # The kept automation still runs.
         await asyncio.to_thread(ha.fire_event, TEST_EVENT)
         await asyncio.to_thread(ha.wait_for_state, "counter.presses", "1", 10)
 
-        assert await link.set_automations(True, keep=[KEPT]) == others
+        assert await switch.set_automations(True, keep=[KEPT]) == others
         assert await asyncio.to_thread(automation_states) == before
-        assert await link.set_automations(True, keep=[KEPT]) == []
+        assert await switch.set_automations(True, keep=[KEPT]) == []
 
         # Without keep, every automation is managed; an id that HA does not have is only warned about.
-        assert await link.set_automations(False, keep=["automation.not_there"]) == sorted(before)
+        assert await switch.set_automations(False, keep=["automation.not_there"]) == sorted(before)
         assert set((await asyncio.to_thread(automation_states)).values()) == {"off"}
-        assert await link.set_automations(True) == sorted(before)
+        assert await switch.set_automations(True) == sorted(before)
         with pytest.raises(ValueError, match=r"automation\.x"):
-            await link.set_automations(True, keep=["water_everywhere"])
+            await switch.set_automations(True, keep=["water_everywhere"])
     assert [healthy for healthy, _ in changes.calls] == [True]

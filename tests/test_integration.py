@@ -293,7 +293,7 @@ def test_crashed_mosquitto_restoring_an_old_lease_does_not_lower_terms(
         async def retained_lease() -> ClusterView:
             return await snapshot(BrokerConfig(url=mosquitto.url), Topics(cluster.prefix, "test"), 0.2)
 
-        restored = asyncio.run(retained_lease()).lease
+        restored = asyncio.run(retained_lease()).stream.lease
         assert restored is not None and restored.term < before, (restored, before)
         cluster.add("n4", priority=500)  # a fresh agent whose first view is that stale lease
         cluster.wait_for_leader(timeout=15, after=t_crash)

@@ -18,6 +18,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -43,6 +44,7 @@ def aiohttp_opener(session: aiohttp.ClientSession) -> OpenWebSocket:
 
     async def open_websocket(url: str, request_timeout: float) -> WebSocket:
         timeout = request_timeout
+        home, path = _split(url)
         try:
             async with asyncio.timeout(timeout):
                 return await session.ws_connect(
@@ -53,21 +55,27 @@ def aiohttp_opener(session: aiohttp.ClientSession) -> OpenWebSocket:
                 )
         except TimeoutError as exc:
             raise NotConnected(
-                f"Home Assistant unreachable at {url}: no websocket connection within {timeout:g}s") from exc
+                f"Home Assistant unreachable at {home}: no websocket connection within {timeout:g}s") from exc
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 404:
                 raise NotConnected(
-                    f"Home Assistant not found at {url}: HTTP 404 (not Home Assistant, or its websocket_api is not "
-                    "loaded yet)"
+                    f"Home Assistant not found at {home}: HTTP 404 for {path} (not Home Assistant, or its "
+                    "websocket_api is not loaded yet)"
                 ) from exc
             raise NotConnected(
-                f"Home Assistant at {url} refused the websocket: HTTP {exc.status} {exc.message}") from exc
+                f"Home Assistant at {home} refused the websocket: HTTP {exc.status} {exc.message}") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise NotConnected(f"Home Assistant unreachable at {url}: {_unreachable_reason(exc)}") from exc
+            raise NotConnected(f"Home Assistant unreachable at {home}: {_unreachable_reason(exc)}") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise NotConnected(f"Home Assistant unreachable at {url}: {type(exc).__name__}: {exc}") from exc
+            raise NotConnected(f"Home Assistant unreachable at {home}: {type(exc).__name__}: {exc}") from exc
 
     return open_websocket
+
+
+def _split(url: str) -> tuple[str, str]:
+    """Home Assistant's base URL and the websocket's path, for messages."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}", parts.path or "/"
 
 
 def _unreachable_reason(exc: aiohttp.ClientConnectorError) -> str:
