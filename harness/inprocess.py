@@ -148,3 +148,13 @@ async def cluster(fake: FakeMqtt | None = None) -> AsyncIterator[Cluster]:
         c.check_invariants()
     finally:
         await c.close()
+
+
+def metric(agent: Agent, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (``name`` as exported, e.g. ``hasync_claims_total``) matching ``labels``."""
+    total = 0.0
+    for family in agent.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

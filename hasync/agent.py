@@ -477,11 +477,13 @@ class Agent:
         while True:
             self._feed(Tick())
             now = self.clock()
-            if now >= self._next_heartbeat and self._session is not None:
-                self._publish_heartbeat()
-            if now >= self._next_primary_state and self._session is not None:
-                self._publish_primary_state()
-            wake_at = min(self.election.next_wakeup(now), self._next_heartbeat, self._next_primary_state)
+            wake_at = self.election.next_wakeup(now)
+            if self._session is not None:  # (while disconnected, nothing is due but the election's timers)
+                if now >= self._next_heartbeat:
+                    self._publish_heartbeat()
+                if now >= self._next_primary_state:
+                    self._publish_primary_state()
+                wake_at = min(wake_at, self._next_heartbeat, self._next_primary_state)
             self._wake.clear()
             await wait_or(self._wake, max(0.0, wake_at - self.clock()))
 
