@@ -37,6 +37,9 @@ from . import haframes
 
 Value = tuple[str, dict[str, Any]]
 
+_VALUE_ONLY = {"input_boolean", "input_number", "input_select", "input_text", "input_datetime", "counter", "timer",
+               "automation"}
+
 _TEMPLATES = haframes.load()
 
 
@@ -313,7 +316,10 @@ class FakeHomeAssistant:
             if isinstance(value, dict) else (value, None)
         if not isinstance(state, str) or not self._takes(entity, state):
             return
-        self._set(entity_id, state, {**entity.attributes, **attributes} if attributes else None, context)
+        # Reproduce-state sets a helper's value only (its min, max, options are its configuration); other
+        # domains take attributes too (a light's brightness, a climate's target temperature).
+        keep = entity.entity_id.partition(".")[0] in _VALUE_ONLY or not attributes
+        self._set(entity_id, state, None if keep else {**entity.attributes, **attributes}, context)
 
     @staticmethod
     def _takes(entity: _Entity, state: str) -> bool:

@@ -470,7 +470,7 @@ def test_discovery_shows_each_node_in_home_assistant_and_comes_back_after_ha_res
             await c.add("n1", homeassistant={"discovery": True})
             await c.wait_for_leader()
             configs = {t for t in c.fake.model.retained if t.startswith("homeassistant/")}
-            assert "homeassistant/binary_sensor/hasync_test_n1/primary/config" in configs and len(configs) == 7
+            assert "homeassistant/binary_sensor/hasync_test_n1/primary/config" in configs and len(configs) == 8
             states = [p for p in c.fake.model.log if p.topic == T.primary_state("n1")]
             await asyncio.sleep(5)
             newer = [p for p in c.fake.model.log if p.topic == T.primary_state("n1")][len(states):]

@@ -28,6 +28,7 @@ def test_one_device_per_node_with_stable_unique_ids() -> None:
         "homeassistant/sensor/hasync_home_ha-kitchen/term/config",
         "homeassistant/sensor/hasync_home_ha-kitchen/health/config",
         "homeassistant/button/hasync_home_ha-kitchen/step_down/config",
+        "homeassistant/button/hasync_home_ha-kitchen/resume/config",
         "homeassistant/switch/hasync_home_ha-kitchen/maintenance/config",
     }
     ids = [c["unique_id"] for c in cfgs.values()]
@@ -68,6 +69,9 @@ def test_button_and_switch_send_valid_commands() -> None:
     switch = cfgs["homeassistant/switch/hasync_home_ha-kitchen/maintenance/config"]
     assert button["command_topic"] == switch["command_topic"] == "hasync/home/nodes/ha-kitchen/command"
     assert parse(Command, str(button["payload_press"]).encode()) == Command(command="step_down")
+    resume = cfgs["homeassistant/button/hasync_home_ha-kitchen/resume/config"]
+    assert resume["command_topic"] == button["command_topic"]
+    assert parse(Command, str(resume["payload_press"]).encode()) == Command(command="resume")
     assert parse(Command, str(switch["payload_on"]).encode()) == Command(command="maintenance", on=True)
     assert parse(Command, str(switch["payload_off"]).encode()) == Command(command="maintenance", on=False)
 

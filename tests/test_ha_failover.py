@@ -107,7 +107,11 @@ def test_step_down_button_and_maintenance_switch_in_home_assistant(
     assert cluster.wait_for_leader(timeout=10, after=t0, exclude=A) == B
     demote = [e for e in cluster.agents[A].events() if e["event"] == "demote"][-1]
     assert demote["reason"] == "step-down requested"
-    # a has the better priority: it takes over again after the preempt delay...
+    # a has the better priority, but it stepped down (for an update, say): it stays away...
+    time.sleep(HA_SETTINGS["election"]["preempt_delay"] + 2.5)
+    assert cluster.current_leader() == B
+    # ...until its resume button is pressed: then it takes over again.
+    ha[A].call_service("button", "press", {"entity_id": f"button.hasync_test_{A}_resume"})
     assert cluster.wait_for_leader(timeout=10, after=t0, exclude=B) == A
     ha[A].wait_for_state(primary(A), "on", timeout=10)
     # ...unless its maintenance switch is on: it hands over and stays away.
@@ -186,7 +190,8 @@ def test_managed_mode_keeps_automations_on_only_on_the_primary_across_failovers(
     assert cluster.wait_for_leader(timeout=10, after=t0, exclude=A) == B
     ha[B].wait_for_state(GATED, "on", timeout=15)
     ha[A].wait_for_state(GATED, "off", timeout=15)
-    # ...and back (a preempts), then a crash of a's agent: b turns its automations on again.
+    # ...and back (a resumes and preempts), then a crash of a's agent: b turns its automations on again.
+    ha[A].call_service("button", "press", {"entity_id": f"button.hasync_test_{A}_resume"})
     assert cluster.wait_for_leader(timeout=15, after=t0, exclude=B) == A
     ha[A].wait_for_state(GATED, "on", timeout=15)
     ha[B].wait_for_state(GATED, "off", timeout=15)

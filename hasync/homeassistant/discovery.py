@@ -10,7 +10,8 @@ Entities of node N (unique ids ``hasync_{cluster}_{N}_{key}``):
   N's heartbeat (Last Will): if the agent dies or hangs, HA stops showing ``on`` before any other node
   can be elected. This is the sensor automations use as their condition.
 - ``sensor`` **role**, **leader**, **term**, **health**: read from N's heartbeat.
-- ``button`` **step down**: a graceful handover (``step_down`` command).
+- ``button`` **step down**: a graceful handover (``step_down`` command); the node then does not take
+  leadership back from a worse node until the agent restarts or ``button`` **resume** is pressed.
 - ``switch`` **maintenance**: while on, N refuses leadership (``maintenance`` command).
 """
 
@@ -109,6 +110,10 @@ class Discovery:
             ("button", "step_down", self._entity(
                 "step_down", "Step down", command_topic=command,
                 payload_press=Command(command="step_down").to_payload().decode(),
+            )),
+            ("button", "resume", self._entity(
+                "resume", "Resume", command_topic=command,
+                payload_press=Command(command="resume").to_payload().decode(),
             )),
             ("switch", "maintenance", self._entity(
                 "maintenance", "Maintenance", command_topic=command, state_topic=hb,
