@@ -312,8 +312,12 @@ class FakeHomeAssistant:
         entity = self.entities.get(entity_id)
         if entity is None:
             return
-        state, attributes = (value.get("state"), {k: v for k, v in value.items() if k != "state"}) \
-            if isinstance(value, dict) else (value, None)
+        attributes: dict[str, Any] = {}
+        if isinstance(value, dict):
+            state = value.get("state")
+            attributes = {k: v for k, v in value.items() if k != "state"}
+        else:
+            state = value
         if not isinstance(state, str) or not self._takes(entity, state):
             return
         # Reproduce-state sets a helper's value only (its min, max, options are its configuration); other
