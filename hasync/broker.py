@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -76,6 +78,27 @@ def _quiet_chatty_loggers() -> None:
             chatty.setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    chatty = logging.getLogger(name)
+    level = chatty.level
+    chatty.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        chatty.setLevel(level)
+
+
+def _reason(exc: BaseException) -> str:
+    """The operating system's words for the root cause (a busy port), else the exception's."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+        cause = cause.__cause__ or cause.__context__
+    return str(exc)
+
+
 class EmbeddedBroker:
     """amqtt's broker, running in the current event loop for the duration of ``async with``.
 
@@ -119,10 +142,11 @@ class EmbeddedBroker:
             _quiet_chatty_loggers()
         try:
             broker = Broker(self._config)
-            await broker.start()
+            with _quiet("amqtt.broker"):  # it logs its own traceback; ours is one line
+                await broker.start()
         except (BrokerError, PluginError, PluginLoadError, OSError) as exc:
             raise EmbeddedBrokerError(
-                f"cannot start the embedded amqtt broker on {self.host}:{self._requested_port}: {exc}"
+                f"cannot start the embedded amqtt broker on {self.host}:{self._requested_port}: {_reason(exc)}"
             ) from exc
         self._broker = broker
         try:

@@ -164,7 +164,7 @@ def step_down(
     except CommandRefused as exc:
         _fail(f"not sent: {exc}")
     except (MqttFailure, ValueError) as exc:
-        _fail(str(exc))
+        _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
     click.echo(f"asked {node} to step down" + (f" to {successor}" if successor else ""))
 
 
@@ -183,7 +183,7 @@ def resume(
     except CommandRefused as exc:
         _fail(f"not sent: {exc}")
     except (MqttFailure, ValueError) as exc:
-        _fail(str(exc))
+        _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
     click.echo(f"told {node} it may take leadership back")
 
 
@@ -203,8 +203,7 @@ def decommission(
     try:
         count = asyncio.run(clear(cfg.broker, topics, node, cfg.homeassistant.discovery_prefix))
     except (MqttFailure, ValueError) as exc:
-        click.echo(f"hasync: {exc}", err=True)
-        sys.exit(1)
+        _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
     click.echo(f"removed {node}: cleared {count} retained topics")
 
 

@@ -6,6 +6,7 @@ served only when that backend is configured (``hasync.sync.memory``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,8 +52,9 @@ class HttpServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise HttpServerError(
-                f"cannot serve the HTTP endpoints on {self.host}:{self.port}: {exc.strerror or exc} "
+                f"cannot serve the HTTP endpoints on {self.host}:{self.port}: {why} "
                 "(set http.port, or http.enabled: false)"
             ) from exc
         server = site._server

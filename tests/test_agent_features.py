@@ -1,11 +1,11 @@
-"""Health checks, role hooks, preemption, maintenance and the demo, with agents as real processes.
-
-These run on Mosquitto only (the election paths are covered on both brokers in test_integration.py).
+"""Health check commands, role hooks, the command line and the demo, with agents as real processes, and a
+real Mosquitto ACL. These run on Mosquitto only (the election paths are covered on both brokers in
+test_integration.py, and in-process in test_agent_inprocess.py).
 """
 
 from __future__ import annotations
 
-import os
+import socket
 import subprocess
 import sys
 import time
@@ -93,39 +93,6 @@ def test_failing_hook_is_reported_and_leadership_continues(cluster: Cluster) -> 
     assert "broken" in agent.log()
     assert agent.http("/role")[0] == 200
 
-
-def test_preemption_hands_back_to_the_better_node(cluster: Cluster) -> None:
-    cluster.add("low", priority=10)
-    assert cluster.wait_for_leader(timeout=10) == "low"
-    t0 = time.monotonic()
-    cluster.add("high", priority=200)
-    # It observes a lease, then is eligible for preempt_delay; the low one hands over gracefully.
-    assert cluster.wait_for_leader(timeout=15, after=t0) == "high"
-    demote = [e for e in cluster.agents["low"].events() if e["event"] == "demote"][-1]
-    assert demote["reason"] == "preempted by high"
-
-
-def test_no_preemption_when_the_better_node_opts_out(cluster: Cluster) -> None:
-    cluster.add("low", priority=10)
-    assert cluster.wait_for_leader(timeout=10) == "low"
-    cluster.add("high", priority=200, preempt=False)
-    wait_until(lambda: cluster.agents["high"].status().get("eligible"), 10, "the better node to be eligible")
-    time.sleep(FAST_ELECTION["preempt_delay"] + LEASE)  # longer than the preempt delay: still no takeover
-    assert cluster.current_leader() == "low"
-
-
-def test_maintenance_node_never_leads(cluster: Cluster) -> None:
-    cluster.add("maint", priority=200, maintenance=True)
-    cluster.add("ok", priority=10)
-    assert cluster.wait_for_leader(timeout=10) == "ok"
-    status = cluster.agents["maint"].status()
-    assert status["maintenance"] is True
-    assert status["eligible"] is False
-    cluster.kill("ok")
-    time.sleep(LEASE * 2)  # the only other node is in maintenance: nobody takes over
-    assert not cluster.agents["maint"].promotions()
-
-
 def test_invalid_config_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("node_id: ok\nelection:\n  lease_duration: 2.0\n  renew_deadline: 2.0\n")
@@ -135,23 +102,33 @@ def test_invalid_config_exits_nonzero_naming_the_key(tmp_path: Path) -> None:
     assert "election" in result.stderr and "lease_duration" in result.stderr
 
 
-def test_unreachable_broker_is_reported_and_the_agent_keeps_trying(tmp_path: Path) -> None:
-    from harness.wait import free_port
+def one_error_line(*args: str, timeout: float = 30) -> str:
+    """Run ``hasync *args``, expect it to exit 1 with one line on stderr (no traceback); return the line."""
+    result = subprocess.run([sys.executable, "-m", "hasync", *args], capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("hasync: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
 
-    port = free_port()
-    log = tmp_path / "agent.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hasync", "agent", "--broker", f"mqtt://127.0.0.1:{port}", "--node-id", "lonely",
-             "--http-port", "0"], stdout=out, stderr=out, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        wait_until(lambda: "Connection refused" in log.read_text(), 10, "the connection failure to be logged")
-        time.sleep(1)  # it keeps retrying without crashing or flooding the log at WARNING
-        assert process.poll() is None
-        assert log.read_text().count("WARNING") <= 2
-    finally:
-        process.terminate()
-        assert process.wait(15) == 0
+
+def test_start_errors_are_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_error_line("agent", "--node-id", "n1", "--broker", "mqtt://127.0.0.1:9", "--http-port", str(port),
+                              "--log-level", "ERROR")
+        assert line == (f"hasync: cannot start the agent: cannot serve the HTTP endpoints on 127.0.0.1:{port}: "
+                        "Address already in use (set http.port, or http.enabled: false)"), line
+        line = one_error_line("broker", "--port", str(port))
+        assert line.startswith(f"hasync: cannot start the embedded amqtt broker on 127.0.0.1:{port}: "), line
+    missing = tmp_path / "no-such-dir" / "n1.events"
+    line = one_error_line("agent", "--node-id", "n1", "--broker", "mqtt://127.0.0.1:9", "--http-port", "0",
+                          "--events-file", str(missing), "--log-level", "ERROR")
+    assert line == (f"hasync: cannot start the agent: cannot open events_file {missing}: "
+                    "No such file or directory"), line
 
 
 def test_demo_runs_non_interactively_and_exits_zero() -> None:
@@ -184,35 +161,3 @@ def test_claims_the_broker_silently_drops_never_make_a_primary(tmp_path: Path, t
         assert "is its ACL dropping our publishes" in agent.log()
         assert not agent.promotions()
         assert agent.http("/role")[0] == 503
-
-
-def test_maintenance_command_hands_over_and_keeps_leadership_away(cluster: Cluster) -> None:
-    """The payloads Home Assistant's maintenance switch sends (see hasync.discovery)."""
-    import asyncio
-
-    from hasync.config import BrokerConfig
-    from hasync.messages import Command
-    from hasync.mqtt import connect
-    from hasync.topics import Topics
-
-    def send(node: str, on: bool) -> None:
-        async def go() -> None:
-            async with connect(BrokerConfig(url=cluster.broker_url), f"test-{time.monotonic_ns()}") as session:
-                await session.publish(Topics(cluster.prefix, "test").command(node),
-                                      Command(command="maintenance", on=on).to_payload(), retain=False)
-        asyncio.run(go())
-
-    cluster.add("a", priority=200)
-    cluster.add("b", priority=100)
-    cluster.wait_for_leader(timeout=10)
-    wait_until(lambda: cluster.current_leader() == "a", 10, "a (the better priority) to lead")
-    t0 = time.monotonic()
-    send("a", True)
-    assert cluster.wait_for_leader(timeout=5, after=t0, exclude="a") == "b"
-    wait_until(lambda: cluster.agents["a"].status().get("maintenance") is True, 5, "a to report maintenance")
-    time.sleep(FAST_ELECTION["preempt_delay"] + LEASE)  # a (better priority) does not preempt while in maintenance
-    assert cluster.current_leader() == "b"
-    t1 = time.monotonic()
-    send("a", False)
-    # Out of maintenance, the better node takes over again after the preempt delay.
-    assert cluster.wait_for_leader(timeout=10, after=t1) == "a"

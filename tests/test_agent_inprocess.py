@@ -533,3 +533,19 @@ def test_a_busy_http_port_is_one_clear_error() -> None:
             blocker.close()
 
     asyncio.run(scenario())
+
+
+def test_an_agent_leaving_on_an_error_still_hands_over_and_says_offline() -> None:
+    async def scenario() -> None:
+        async with inprocess.cluster() as c:
+            await three(c)
+            n1 = c.agents.pop("n1")
+            task = c._tasks.pop("n1")
+            task.cancel()  # as if the code around the agent failed: __aexit__ runs with an exception
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await c.wait_for_leader(other_than="n1", timeout=0.5) == "n2"  # released, no lease wait
+            assert heartbeat_of(c.fake, "n1").online is False  # type: ignore[union-attr]
+            assert not n1.is_primary()
+
+    run(scenario)

@@ -1,4 +1,6 @@
-"""Entity state sync between real Home Assistant instances (issue 4), on amqtt and on Mosquitto.
+"""Entity state sync between real Home Assistant instances (issue 4), on Mosquitto: what only a real HA can
+show (its reproduce-state path, contexts and recorder). The sync logic with each broker is covered by
+test_sync_agents.py, and in-process with the fake Home Assistant by test_sync_inprocess.py.
 
 Each HA runs beside an agent whose node id is its name (``ha_a`` has the better priority and leads); every
 HA's MQTT integration uses the test's broker, as the agents do. A user's change is a service call on one HA's
@@ -24,11 +26,11 @@ from typing import Any
 import pytest
 
 from harness.agents import AgentProcess, Cluster, checked_cluster, wait_until
-from harness.brokers import BrokerProcess
+from harness.brokers import BrokerProcess, MosquittoProcess
 from harness.ha import HomeAssistant, StartHA, bulk_entity
 from hasync.topics import Topics
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 
 A, B, C = "ha_a", "ha_b", "ha_c"
 PRIORITY = {A: 200, B: 100, C: 50}
@@ -106,6 +108,11 @@ def assert_changed_only(has: list[HomeAssistant], since: float, expected: dict[s
 
 def set_level(ha: HomeAssistant, value: float) -> None:
     ha.call_service("input_number", "set_value", {"entity_id": LEVEL, "value": value})
+
+
+@pytest.fixture
+def broker(mosquitto: MosquittoProcess) -> BrokerProcess:
+    return mosquitto
 
 
 @pytest.fixture
