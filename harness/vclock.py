@@ -25,13 +25,26 @@ START = 1_000.0  # the loop's clock at start (monotonic seconds)
 WALL_START = 1_800_000_000.0  # wall() at START: 2027-01-15, fixed so runs repeat exactly
 
 
+SPIN_LIMIT = 200_000  # loop iterations at one virtual instant before the loop calls it a busy loop
+
+
+class BusyLoopError(RuntimeError):
+    """Code under test keeps the loop busy without ever waiting: on a real loop, a core spinning at 100 %."""
+
+
 class _JumpingSelector(selectors.DefaultSelector):
     loop: VirtualClockLoop
+    spins = 0
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
         if ready or timeout is None or timeout <= 0:
+            self.spins += 1
+            if self.spins > SPIN_LIMIT:
+                raise BusyLoopError(f"{SPIN_LIMIT} loop iterations at virtual time {self.loop.time():.6f}: "
+                                    "something is busy without ever waiting")
             return ready if ready or timeout is not None else super().select(None)
+        self.spins = 0
         self.loop.advance(timeout)
         return []
 

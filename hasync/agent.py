@@ -54,12 +54,14 @@ from .election import (
     RecordReceived,
     RepublishHeartbeat,
     StepDown,
+    TermLimit,
     Tick,
 )
 from .health import HealthMonitor
 from .hooks import HookResult, HookRunner
 from .http import HttpServer, HttpServerError
 from .inbound import HomeAssistantOnline, Router, SyncMarker, ToElection, ToSync
+from .logs import printable
 from .messages import DropReason, Heartbeat, LeaseRecord, MessageError, NodeRole
 from .metrics import Metrics
 from .publisher import Outgoing, Publisher
@@ -460,6 +462,10 @@ class Agent:
                 case RepublishHeartbeat(reason=reason):
                     logger.info("republishing our status: %s", reason)
                     self._publish_heartbeat()
+                case TermLimit(term=term):
+                    logger.error("the lease is at term %d, where no later term can be claimed: nobody can be "
+                                 "elected (a forged record?). Clear the retained %s and restart the agents",
+                                 term, self.topics.lease)
         return deferred
 
     def _publish_record(self, record: LeaseRecord, retain: bool) -> None:
@@ -513,14 +519,15 @@ class Agent:
         except MessageError as exc:
             self._dropped(message, exc.reason, str(exc))
         except Exception:
-            self._internal_error(Part.MESSAGE, f"handling a message on {message.topic[:200]} failed; dropped")
+            self._internal_error(Part.MESSAGE, f"handling a message on {printable(message.topic)} failed; dropped")
             self._dropped(message, DropReason.FAILED, "handling it failed")
 
     def _dropped(self, message: Incoming, reason: DropReason, detail: str) -> None:
         kind = self.router.kind(message.topic)
         label = kind.value if kind is not None else "other"
         self.metrics.dropped.labels(label, reason.value).inc()
-        self._warn_once((label, reason.value), "dropped a message on %s: %s", message.topic[:200], detail)
+        self._warn_once((label, reason.value), "dropped a message on %s: %s", printable(message.topic),
+                        printable(detail))
 
     def _warn_once(self, key: tuple[str, str], msg: str, *args: object) -> None:
         """WARNING the first time, DEBUG after (a flood of one kind of garbage must not flood the log)."""

@@ -279,7 +279,15 @@ class ClaimUnanswered:
     term: int
 
 
-Action = Publish | Promoted | Demoted | Fault | Ignored | RepublishHeartbeat | ClaimUnanswered
+@dataclass(frozen=True)
+class TermLimit:
+    """The stream is at the last term a claim may open: no node can be elected any more (reported once).
+    Only a forged record can get there; the way out is clearing the retained lease and restarting."""
+
+    term: int
+
+
+Action = Publish | Promoted | Demoted | Fault | Ignored | RepublishHeartbeat | ClaimUnanswered | TermLimit
 
 
 # ---- state --------------------------------------------------------------------------------------
@@ -418,6 +426,7 @@ class Election:
         self._holdoff_until = 0.0
         self._leadership: _Leadership | None = None
         self._candidacy: _Candidacy | None = None
+        self._limit_reported = False
 
     # ---- queries --------------------------------------------------------------------------------
 
@@ -474,7 +483,7 @@ class Election:
         if self.role is Role.OBSERVING:
             times.append(self._connected_at + self.timing.lease_duration)
         claim_at = self._claim_time(now)
-        if claim_at is not None:
+        if claim_at is not None and self._claim_position(now)[0] + 1 < MAX_TERM:
             times.append(claim_at)
         return max(now, min(times))
 
@@ -642,6 +651,12 @@ class Election:
             actions.append(ClaimUnanswered(cand.term))
         claim_at = self._claim_time(now)
         if claim_at is not None and now >= claim_at:
+            if self._claim_position(now)[0] + 1 >= MAX_TERM:
+                # Every reader (this one too) ignores a claim of MAX_TERM: claiming it would only repeat.
+                if not self._limit_reported:
+                    self._limit_reported = True
+                    actions.append(TermLimit(self._claim_position(now)[0]))
+                return
             self._claim(now, actions)
 
     def _claim_time(self, now: float) -> float | None:

@@ -343,7 +343,7 @@ def test_replayed_records_and_rogue_claims_are_ignored() -> None:
 
 
 @pytest.mark.parametrize("term", [MAX_TERM, MAX_TERM - 1])
-def test_records_at_the_protocols_limit_crash_nobody(term: int) -> None:
+def test_records_at_the_protocols_limit_crash_nobody(term: int, caplog: pytest.LogCaptureFixture) -> None:
     """A renewal retained at the largest term the wire allows once crash-looped every agent (each tried
     to claim the next term, which its own model refused). Now the agents ignore what they could not
     follow (MAX_TERM), or adopt it and cannot claim past it; either way every agent keeps running."""
@@ -368,8 +368,12 @@ def test_records_at_the_protocols_limit_crash_nobody(term: int) -> None:
             else:  # followed: a claim past it cannot be made, so nobody leads (forged records: issue 14)
                 assert c.leader() is None
                 assert all(a.election.term == term for a in agents)
+                # and nobody tries: a claim of MAX_TERM would be ignored by all, itself included, forever
+                assert all(metric(a, "hasync_claims_total") == 0 for a in agents)
 
     run(scenario)
+    if term < MAX_TERM:
+        assert sum("where no later term can be claimed" in r.getMessage() for r in caplog.records) == 2  # once each
 
 
 def test_a_failing_handler_is_counted_and_the_agent_carries_on(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -549,3 +553,30 @@ def test_an_agent_leaving_on_an_error_still_hands_over_and_says_offline() -> Non
             assert not n1.is_primary()
 
     run(scenario)
+
+
+def test_a_forged_release_at_the_last_claimable_term_causes_no_claim_storm() -> None:
+    """Found by the fuzzer: after a release at MAX_TERM - 1 every node claimed MAX_TERM, which every
+    reader (itself included) ignores, and claimed again at once, forever: a busy loop flooding the broker."""
+
+    async def scenario() -> None:
+        async with inprocess.cluster() as c:
+            await three(c)
+            c.fake.inject(T.lease, release("rogue", MAX_TERM - 1, 3).to_payload())
+            await asyncio.sleep(30)  # on a real loop: a core at 100 % (the virtual clock raises BusyLoopError)
+            assert all(metric(a, "hasync_claims_total") <= 1 for a in c.agents.values())
+            assert c.leader() is None
+
+    run(scenario)
+
+
+def test_what_a_message_says_reaches_the_log_as_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with inprocess.cluster() as c:
+            await three(c)
+            c.fake.inject(T.lease, b'{"v": 1, "kind": "renew", "x\\nFAKE LOG LINE": 1}')
+            await asyncio.sleep(1)
+
+    run(scenario)
+    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped a message")]
+    assert dropped and all("\n" not in line for line in dropped), dropped

@@ -43,6 +43,7 @@ from typing import Any
 
 from ..aio import wait_or
 from ..config import SyncConfig
+from ..logs import printable
 from ..messages import DropReason as MessageDropReason
 from ..messages import MessageError, SyncSummary, parse
 from ..metrics import Metrics
@@ -271,7 +272,8 @@ class Replica:
             return
         if len(self._logged) < 10_000:
             self._logged.add(key)
-        logger.warning("sync: %s%s: %s", drop.reason, f" ({drop.entity_id})" if drop.entity_id else "", drop.detail)
+        logger.warning("sync: %s%s: %s", drop.reason, f" ({drop.entity_id})" if drop.entity_id else "",
+                       printable(drop.detail))
 
     # ---- tasks ----------------------------------------------------------------------------------
 
