@@ -574,7 +574,8 @@ def test_what_a_message_says_reaches_the_log_as_one_line(caplog: pytest.LogCaptu
     async def scenario() -> None:
         async with inprocess.cluster() as c:
             await three(c)
-            c.fake.inject(T.lease, b'{"v": 1, "kind": "renew", "x\\nFAKE LOG LINE": 1}')
+            forged = {**json.loads(renew("n1", 1, 1).to_payload()), "x\nFAKE LOG LINE": 1}
+            c.fake.inject(T.lease, json.dumps(forged).encode())
             await asyncio.sleep(1)
 
     run(scenario)
