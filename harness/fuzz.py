@@ -13,7 +13,7 @@ agent can still report its status.
 
 tests/test_fuzz_agent.py runs a short hunt in CI; a long one (the count of messages is printed at the end)::
 
-    HASYNC_FUZZ_EXAMPLES=10000 .venv/bin/python -m pytest -p no:cacheprovider -q -s tests/test_fuzz_agent.py
+    HASYNC_FUZZ_EXAMPLES=11000 HASYNC_FUZZ_LENGTH=60 ./scripts/test -s --timeout=0 tests/test_fuzz_agent.py
 """
 
 from __future__ import annotations
