@@ -147,7 +147,7 @@ def test_the_step_down_command_refuses_what_the_cluster_shows_is_wrong(cluster: 
         (["--node", "nobody"], "no node 'nobody' in cluster 'test'"),
         (["--node", standby], f"{standby} is not the primary (it is standby); the primary is {leader}"),
         (["--node", leader, "--to", "nobody"], "no node 'nobody'"),
-        (["--node", leader, "--to", leader], "cannot hand over to itself"),
+        (["--node", leader, "--to", leader], f"{leader} cannot hand over to itself"),
     ):
         refused = step_down(*args)
         assert refused.returncode == 1 and refused.stderr.startswith(f"hasync: not sent: {error}"), refused.stderr
