@@ -14,12 +14,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import paho.mqtt.client as paho
 import yaml
@@ -307,40 +308,44 @@ def checked_cluster(workdir: Path, broker_url: str, prefix: str) -> Iterator[Clu
         cluster.stop_all()
 
 
-class LeaseRecorder:
-    """Records every lease record on the broker with its local receive time (monotonic), from a paho
-    client on its own thread: the tests using it are synchronous."""
+class TopicRecorder:
+    """Records every message on ``topic_filter`` with its local receive time (monotonic), from a paho client
+    on its own thread: the tests using it are synchronous."""
 
-    def __init__(self, broker_url: str, prefix: str, cluster: str = "test") -> None:
+    def __init__(self, broker_url: str, topic_filter: str) -> None:
         cfg = BrokerConfig(url=broker_url)
-        self.topic = Topics(prefix, cluster).lease
-        self.records: list[tuple[float, LeaseRecord]] = []
-        self._subscribed = False
-
-        def on_connect(client: paho.Client, *_: object) -> None:
-            client.subscribe(self.topic, qos=1)
-
-        def on_subscribe(*_: object) -> None:
-            self._subscribed = True
-
-        def on_message(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
-            with contextlib.suppress(MessageError):
-                self.records.append((time.monotonic(), parse(LeaseRecord, bytes(message.payload))))
-
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"recorder-{time.monotonic_ns()}")
-        self._client.on_connect = on_connect
-        self._client.on_subscribe = on_subscribe
-        self._client.on_message = on_message
-        self._client.connect(cfg.host, cfg.port)
-        self._client.loop_start()
-        wait_until(lambda: self._subscribed, 10, "the lease recorder to subscribe")
+        self.messages: list[tuple[float, str, bytes]] = []
+        self._subscribed = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"recorder-{time.monotonic_ns()}")
+        client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
+        client.on_subscribe = lambda *_: self._subscribed.set()
+        client.on_message = lambda _c, _u, m: self.messages.append((time.monotonic(), m.topic, bytes(m.payload)))
+        client.connect(cfg.host, cfg.port)
+        client.loop_start()
+        self._client = client
+        wait_until(self._subscribed.is_set, 10, f"the recorder to subscribe to {topic_filter}")
 
     def close(self) -> None:
         self._client.loop_stop()
         self._client.disconnect()
 
-    def __enter__(self) -> LeaseRecorder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LeaseRecorder(TopicRecorder):
+    """Every valid lease record on the broker, with its receive time."""
+
+    def __init__(self, broker_url: str, prefix: str, cluster: str = "test") -> None:
+        super().__init__(broker_url, Topics(prefix, cluster).lease)
+
+    @property
+    def records(self) -> list[tuple[float, LeaseRecord]]:
+        records = []
+        for t, _, payload in list(self.messages):
+            with contextlib.suppress(MessageError):
+                records.append((t, parse(LeaseRecord, payload)))
+        return records

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -143,6 +143,19 @@ def status(
         console.print(f"no nodes seen on {cfg.broker.redacted_url()} under {topics.base}/")
 
 
+def _checked_command(cfg: AgentConfig, node: str, what: Literal["step_down", "resume"], successor: str | None) -> None:
+    """Send a command the cluster's state shows to make sense; one line and exit 1 otherwise."""
+    from .status import CommandRefused, checked_command
+
+    try:
+        asyncio.run(checked_command(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, what,
+                                    successor=successor))
+    except CommandRefused as exc:
+        _fail(f"not sent: {exc}")
+    except (MqttFailure, ValueError) as exc:
+        _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
+
+
 @main.command("step-down")
 @common
 @click.option("--node", required=True, help="The node to ask (normally the primary).")
@@ -155,16 +168,8 @@ def step_down(
 
     The node then holds back from taking leadership back from worse nodes (preemption) until it restarts
     or is told to with `hasync resume`."""
-    cfg = _load(config, {("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix})
-    from .status import CommandRefused, checked_command
-
-    try:
-        asyncio.run(checked_command(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, "step_down",
-                                    successor=successor))
-    except CommandRefused as exc:
-        _fail(f"not sent: {exc}")
-    except (MqttFailure, ValueError) as exc:
-        _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
+    _checked_command(_load(config, {("broker", "url"): broker, ("cluster",): cluster,
+                                    ("topic_prefix",): topic_prefix}), node, "step_down", successor)
     click.echo(f"asked {node} to step down" + (f" to {successor}" if successor else ""))
 
 
@@ -174,16 +179,10 @@ def step_down(
 def resume(
     config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None, node: str,
 ) -> None:
-    """Let a node that stepped down take leadership back from worse nodes again (after preempt_delay)."""
-    cfg = _load(config, {("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix})
-    from .status import CommandRefused, checked_command
-
-    try:
-        asyncio.run(checked_command(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, "resume"))
-    except CommandRefused as exc:
-        _fail(f"not sent: {exc}")
-    except (MqttFailure, ValueError) as exc:
-        _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
+    """Let a node that stepped down take leadership back from worse nodes again (at once if it has been
+    eligible for election.preempt_delay)."""
+    _checked_command(_load(config, {("broker", "url"): broker, ("cluster",): cluster,
+                                    ("topic_prefix",): topic_prefix}), node, "resume", None)
     click.echo(f"told {node} it may take leadership back")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from harness.agents import AgentProcess, Cluster, checked_cluster, wait_until
+from harness.agents import AgentProcess, Cluster, TopicRecorder, checked_cluster, wait_until
 from harness.brokers import BrokerProcess, MosquittoProcess
 from harness.ha import HomeAssistant, StartHA, bulk_entity
 from hasync.topics import Topics
@@ -121,34 +121,9 @@ def cluster(broker: BrokerProcess, tmp_path: Path, topic_prefix: str) -> Iterato
         yield agents
 
 
-class EntityTopicWatcher:
-    """Every record the broker delivers on the entity topics, from a paho client on its own thread."""
-
-    def __init__(self, broker_url: str, prefix: str) -> None:
-        import paho.mqtt.client as paho
-
-        from hasync.config import BrokerConfig
-
-        cfg = BrokerConfig(url=broker_url)
-        self.prefix = prefix
-        self.messages: list[tuple[str, bytes]] = []
-        self._subscribed = threading.Event()
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.monotonic_ns()}")
-        client.on_connect = lambda c, *_: c.subscribe(Topics(prefix, "test").all_entities, qos=1)
-        client.on_subscribe = lambda *_: self._subscribed.set()
-        client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
-        client.connect(cfg.host, cfg.port)
-        client.loop_start()
-        self._client = client
-        wait_until(self._subscribed.is_set, 10, "the entity watcher to subscribe")
-
-    def saw(self, entity_id: str, state: str) -> bool:
-        topic = Topics(self.prefix, "test").entity(entity_id)
-        return any(t == topic and p and json.loads(p).get("state") == state for t, p in list(self.messages))
-
-    def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
+def saw(recorder: TopicRecorder, prefix: str, entity_id: str, state: str) -> bool:
+    topic = Topics(prefix, "test").entity(entity_id)
+    return any(t == topic and p and json.loads(p).get("state") == state for _, t, p in list(recorder.messages))
 
 
 # ---- tests --------------------------------------------------------------------------------------
@@ -239,13 +214,14 @@ def test_after_a_failover_the_new_primary_holds_the_change(
     cluster: Cluster, broker: BrokerProcess, start_ha: StartHA
 ) -> None:
     ha = start_pair(cluster, broker, start_ha, A, B)
-    watcher = EntityTopicWatcher(broker.url, cluster.prefix)
+    watcher = TopicRecorder(broker.url, Topics(cluster.prefix, "test").all_entities)
     try:
         since = time.time()
         set_level(ha[A], 63)
         # "Right after": as soon as the broker has the change, before waiting for anything else. (A change
         # that never left the primary's agent is lost with it: sync is asynchronous, see hasync.sync.)
-        wait_until(lambda: watcher.saw(LEVEL, "63.0"), 10, "ha_a's record of the change on the broker", step=0.005)
+        wait_until(lambda: saw(watcher, cluster.prefix, LEVEL, "63.0"), 10, "ha_a's record of the change on the broker",
+                   step=0.005)
     finally:
         watcher.close()
     ha[A].kill()
