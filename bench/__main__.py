@@ -35,7 +35,7 @@ REPRODUCE = """\
 
 `--only` takes scenario names or shell patterns (`'failover-*'`); `--runs` overrides every scenario's
 number of runs. Each scenario starts its own broker on a free port and its own agents (real
-processes, `tests/agents.py`), so nothing on the machine needs to be stopped first."""
+processes, `harness/agents.py`), so nothing on the machine needs to be stopped first."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -31,13 +31,13 @@ from hasync.config import BrokerConfig, ElectionConfig
 from hasync.messages import Command
 from hasync.topics import Topics
 
-CLUSTER = "test"  # what tests/agents.py configures
+CLUSTER = "test"  # what harness/agents.py configures
 T = TypeVar("T")
 
 
 def production_settings() -> dict[str, Any]:
     """hasync's defaults for everything that shapes failover time; events file and HTTP port come from
-    tests/agents.py."""
+    harness/agents.py."""
     broker = BrokerConfig()
     return {
         "broker": {"keepalive": broker.keepalive, "reconnect_min": broker.reconnect_min,

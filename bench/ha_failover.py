@@ -1,4 +1,4 @@
-"""Crash failover seen from Home Assistant: two real HA instances (2024.3.3, ``tests/ha.py``) on one
+"""Crash failover seen from Home Assistant: two real HA instances (2024.3.3, ``harness/ha.py``) on one
 Mosquitto, an agent beside each; each HA shows its own node's ``binary_sensor.hasync_test_<node>_primary``
 (the condition users put on their automations). Measured from the ``kill -9`` of the primary's agent
 to the new primary's sensor turning ``on`` in that node's HA (HA's ``last_changed``; HA and the

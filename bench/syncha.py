@@ -1,6 +1,6 @@
 """State sync through real Home Assistant: a helper changed in HA A, until HA B holds the same value.
 
-Two Home Assistant instances (``tests/ha.py``) on one Mosquitto, an agent beside each with the HA link and
+Two Home Assistant instances (``harness/ha.py``) on one Mosquitto, an agent beside each with the HA link and
 default sync (the helper domains). Each run sets ``input_number.test_level`` in HA A to a new value with a
 service call, as a user would, and waits for HA B to show it. The latency is HA B's ``last_changed`` minus
 HA A's (both HA's own timestamps, on this machine's one wall clock): A's state change, A's websocket event to

@@ -119,8 +119,8 @@ async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -
             timeout=cfg.connect_timeout,
             tls_context=_tls_context(cfg),
             will=aiomqtt.Will(will.topic, will.payload, qos=1, retain=True) if will else None,
-            # Above entity sync's own bound on unacknowledged publishes (hasync.replica.MAX_IN_FLIGHT), so
-            # a burst of entity records never makes a lease renewal wait for a free slot.
+            # Above the agent's own bound on unacknowledged publishes (hasync.publisher.MAX_IN_FLIGHT), so a
+            # burst of entity records never makes a lease renewal wait for a free slot in paho's window.
             max_inflight_messages=MAX_INFLIGHT,
         )
     except (ssl.SSLError, OSError) as exc:

@@ -6,7 +6,7 @@ Everything lives under ``{prefix}/{cluster}/``::
     leader                  retained LeaderAnnouncement for other tools
     nodes/{node}            retained Heartbeat; the node's Last Will is published here
     nodes/{node}/command    Command addressed to one node
-    nodes/{node}/primary    Home Assistant's primary binary sensor state (see hasync.discovery)
+    nodes/{node}/primary    Home Assistant's primary binary sensor state (see hasync.homeassistant.discovery)
     nodes/{node}/ha-probe   the node's HA echoes a probe here (see hasync.homeassistant)
     nodes/{node}/sync-marker  the node's own marker: its subscription's retained entity records are all in
     entities/{entity_id}    retained EntityRecord of one mirrored Home Assistant entity (see hasync.sync)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Home Assistant Core in its own virtual environment, .cache/ha-venv, for the integration tests
-# that run a real Home Assistant as a subprocess (tests/ha.py). HA pins its own library versions
+# that run a real Home Assistant as a subprocess (harness/ha.py). HA pins its own library versions
 # (aiohttp, pydantic 1.x, ...), so it cannot share the project's .venv.
 #
 # Besides HA and two pins, it pre-installs the requirements HA would otherwise pip-install on its first
@@ -15,7 +15,7 @@ HA_VERSION=2024.3.3
 # josepy 1.14 breaks the `acme` import the cloud integration pulls in (HA then starts in recovery mode);
 # HA 2024.3's MQTT integration needs paho-mqtt 1.x.
 PINS=("josepy<1.14" "paho-mqtt==1.6.1")
-# What HA 2024.3.3 pip-installs on its first start with tests/ha.py's configuration and an MQTT config
+# What HA 2024.3.3 pip-installs on its first start with harness/ha.py's configuration and an MQTT config
 # entry ("Attempting install of" in its log at INFO): the requirements of integrations it always loads
 # (frontend, backup, hardware, image_upload via person, file_upload, recorder's via after-dependencies) and
 # of camera, which the MQTT entry sets up with all its platforms. Versions are HA 2024.3.3's own pins.

@@ -57,7 +57,7 @@ def topic_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-# ---- a real Home Assistant (tests/ha.py) ----------------------------------------------------------
+# ---- a real Home Assistant (harness/ha.py) ----------------------------------------------------------
 
 
 

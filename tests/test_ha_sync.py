@@ -39,7 +39,7 @@ ELECTION = {"lease_duration": 2.5, "renew_deadline": 2.0, "renew_interval": 0.5,
 
 FLAG, LEVEL, MODE, TEXT = "input_boolean.test_flag", "input_number.test_level", "input_select.test_mode", \
     "input_text.test_text"
-HELPERS = [FLAG, LEVEL, MODE, TEXT, "counter.presses", "counter.gated_presses"]  # tests/ha.py's, all mirrored
+HELPERS = [FLAG, LEVEL, MODE, TEXT, "counter.presses", "counter.gated_presses"]  # harness/ha.py's, all mirrored
 QUIET = 1.5  # s of watching for changes nobody made, after every agent is settled
 
 

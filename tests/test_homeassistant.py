@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.timeout(240)]
 integration = pytest.mark.integration
 
 LOGGER = "hasync.homeassistant"
-KEPT = "automation.count_test_presses"  # the automation that TEST_EVENT triggers (tests/ha.py)
+KEPT = "automation.count_test_presses"  # the automation that TEST_EVENT triggers (harness/ha.py)
 
 
 class LogWatch(logging.Handler):

@@ -1,4 +1,4 @@
-"""Selection and throttling of mirrored entities (hasync.selection): pure, fast."""
+"""Selection and throttling of mirrored entities (hasync.sync.selection): pure, fast."""
 
 from __future__ import annotations
 

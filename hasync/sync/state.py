@@ -4,7 +4,7 @@ Theory of operation
 ===================
 Each mirrored Home Assistant entity has one retained topic. A record on it (``EntityRecord``) says "entity E
 has this state and these attributes", or, as a *tombstone*, "E is deleted", and carries a *version*: a
-hybrid-logical-clock stamp (``hasync.hlc``) taken by the node where the change was made. Versions are
+hybrid-logical-clock stamp (``hasync.sync.hlc``) taken by the node where the change was made. Versions are
 totally ordered (wall time, counter, node id) and the rule everywhere is **last writer wins**: of two records
 for an entity, the higher version is the entity's value. Taking the higher of two records is commutative,
 associative and idempotent, so a node may receive records in any order, any number of times, replays of old
