@@ -135,7 +135,7 @@ class Agent:
         self.election = Election(config.node_id, self.incarnation, priority=config.priority,
                                  preempt=config.preempt, timing=config.election.timing())
         self.metrics = Metrics()
-        self.publisher = Publisher(clock=clock)
+        self.publisher = Publisher(clock=clock, on_unacknowledged=self.metrics.publishes_unacknowledged.inc)
         ha = config.homeassistant
         self.router = Router(self.topics, self.node_id,
                              ha_status_topic=f"{ha.discovery_prefix}/status" if ha.discovery else None)

@@ -67,6 +67,7 @@ class Publisher:
         self,
         *,
         clock: Callable[[], float],
+        on_unacknowledged: Callable[[int], None] = lambda _: None,
         max_in_flight: int = MAX_IN_FLIGHT,
         bulk_in_flight: int = BULK_IN_FLIGHT,
         ack_timeout: float = ACK_TIMEOUT,
@@ -74,6 +75,7 @@ class Publisher:
         if not 0 < bulk_in_flight < max_in_flight:
             raise ValueError(f"need 0 < bulk_in_flight ({bulk_in_flight}) < max_in_flight ({max_in_flight})")
         self._clock = clock
+        self._on_unacknowledged = on_unacknowledged
         self._max = max_in_flight
         self._bulk_max = bulk_in_flight
         self._ack_timeout = ack_timeout
@@ -211,6 +213,7 @@ class Publisher:
             expired += 1
         if expired:
             self.unacknowledged += expired
+            self._on_unacknowledged(expired)
             logger.debug("%d publishes not acknowledged within %.0f s", expired, self._ack_timeout)
 
     async def _sleep(self) -> None:

@@ -581,3 +581,16 @@ def test_what_a_message_says_reaches_the_log_as_one_line(caplog: pytest.LogCaptu
     run(scenario)
     dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped a message")]
     assert dropped and all("\n" not in line for line in dropped), dropped
+
+
+def test_publishes_the_broker_never_acknowledges_are_counted_and_free_their_slots() -> None:
+    async def scenario() -> None:
+        fake = FakeMqtt(ack_delay=3600.0)  # a broker that takes everything and acknowledges nothing
+        async with inprocess.cluster(fake) as c:
+            agent = await c.add("n1")
+            await asyncio.sleep(60)
+            assert agent.is_primary()  # only echoes count, not acknowledgements
+            assert metric(agent, "hasync_publishes_unacknowledged_total") > 50
+            assert agent.publisher.in_flight < 120
+
+    run(scenario)
