@@ -95,7 +95,6 @@ class Part(enum.StrEnum):
     TICKER = "ticker"
     EFFECTS = "effects"
     SYNC = "sync"
-    CALLBACK = "callback"
 
 
 class ConnectFailure(enum.StrEnum):
