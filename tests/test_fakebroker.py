@@ -60,7 +60,7 @@ def test_the_will_goes_out_on_an_abnormal_close_only() -> None:
     model.close(crashed, clean=False)
     assert got == [Incoming("will/crashed", b"gone", False)]
     assert model.retained == {"will/crashed": b"gone"}
-    again, _ = client(model, "again", will=Will("will/again", b"old"))
+    client(model, "again", will=Will("will/again", b"old"))
     client(model, "again")  # the same client id connects again: the broker closes the old one, with its will
     assert got[-1] == Incoming("will/again", b"old", False)
 
