@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from . import __version__
+from . import __version__, signing
 from . import heartbeat as heartbeats
 from .aio import Backoff, wait_or
 from .config import AgentConfig
@@ -65,6 +65,7 @@ from .logs import printable
 from .messages import DropReason, Heartbeat, LeaseRecord, MessageError, NodeRole
 from .metrics import Metrics
 from .publisher import Outgoing, Publisher
+from .signing import Keyring, Signer
 from .topics import Topics
 from .transport import AuthFailure, Connect, ConnectionLost, Incoming, MqttFailure, Session, Will
 
@@ -133,13 +134,24 @@ class Agent:
         self.topics = Topics(config.topic_prefix, config.cluster)
         self.election = Election(config.node_id, self.incarnation, priority=config.priority,
                                  preempt=config.preempt, timing=config.election.timing())
+        self.signer: Signer | None = None
+        keyring: Keyring | None = None
+        if config.signing is not None:
+            try:
+                self.signer, keyring = signing.load(config.node_id, config.signing.private_key,
+                                                    config.signing.public_keys, required=config.signing.required)
+            except signing.SigningError as exc:
+                raise AgentError(f"signing: {exc}") from None
+        self.seal = signing.sealer(self.signer)
         self.metrics = Metrics()
         self.publisher = Publisher(clock=clock, on_unacknowledged=self.metrics.publishes_unacknowledged.inc)
         ha = config.homeassistant
         self.router = Router(self.topics, self.node_id,
-                             ha_status_topic=f"{ha.discovery_prefix}/status" if ha.discovery else None)
+                             ha_status_topic=f"{ha.discovery_prefix}/status" if ha.discovery else None,
+                             keyring=keyring, wall=wall,
+                             unsigned_commands=config.signing is None or config.signing.unsigned_commands)
         self.effects = RoleEffects(config, self.topics, self.publisher, self.metrics,
-                                   leader=lambda: self.election.leader, clock=clock, wall=wall,
+                                   leader=lambda: self.election.leader, clock=clock, wall=wall, seal=self.seal,
                                    agent_version=__version__)
         self.http_port: int | None = None
         self.replica: Replica | None = None  # when sync is on (the sync package is imported only then)
@@ -306,7 +318,8 @@ class Agent:
         except TimeoutError:
             logger.error("hooks and automations did not finish within %.0f s; leaving anyway", budget)
         final = [m for record in releases for m in self.effects.release_messages(record)]
-        final.append(Outgoing(self.topics.heartbeat(self.node_id), self._heartbeat(online=False).to_payload(), True))
+        topic = self.topics.heartbeat(self.node_id)
+        final.append(Outgoing(topic, self.seal(topic, self._heartbeat(online=False)), True))
         if not self.publisher.connected:
             logger.warning("not connected: could not say goodbye on the broker (the Last Will says offline)")
             return
@@ -347,7 +360,8 @@ class Agent:
         failures = 0  # consecutive failed attempts since the last connection that worked
         while not self._stopping:
             conn += 1
-            will = Will(self.topics.heartbeat(self.node_id), self._heartbeat(online=False, conn=conn).to_payload())
+            topic = self.topics.heartbeat(self.node_id)
+            will = Will(topic, self.seal(topic, self._heartbeat(online=False, conn=conn)))
             client_id = f"hasync-{self.node_id}-{self.incarnation}-{conn}"
             connected_at: float | None = None
             permanent = False
@@ -476,7 +490,7 @@ class Agent:
         if len(self._sent) > 64:
             for key in list(self._sent)[:32]:
                 del self._sent[key]
-        self.publisher.put(self.topics.lease, stamped.to_payload(), retain=retain)
+        self.publisher.put(self.topics.lease, self.seal(self.topics.lease, stamped), retain=retain)
 
     async def _ticker(self) -> None:
         while True:
@@ -595,7 +609,8 @@ class Agent:
         for name, up in heartbeat.checks.items():
             self.metrics.check_up.labels(name).set(1 if up else 0)
         self.metrics.healthy.set(1 if heartbeat.healthy else 0)
-        self.publisher.put(self.topics.heartbeat(self.node_id), heartbeat.to_payload(), retain=True)
+        topic = self.topics.heartbeat(self.node_id)
+        self.publisher.put(topic, self.seal(topic, heartbeat), retain=True)
 
     def _announce_to_home_assistant(self) -> None:
         self.effects.announce(self.is_primary(), self.election.deadline if self.is_primary() else None)
@@ -646,6 +661,9 @@ class Agent:
             },
             "sync": None if self.replica is None else self.replica.status(),
             "incarnation": self.incarnation,
+            # Signed control messages required of every node: otherwise any client that may write the
+            # cluster's topics can speak for any node.
+            "authenticated": self.config.signing is not None and self.config.signing.required,
             "version": __version__,
         }
 

@@ -9,12 +9,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import click
 
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 from .logs import setup_logging
+from .signing import Keyring, Signer
 from .topics import Topics
 from .transport import MqttFailure
 
@@ -32,7 +33,7 @@ def _load(config: Path | None, overrides: dict[tuple[str, ...], Any]) -> AgentCo
         sys.exit(2)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"hasync: {message}", err=True)
     sys.exit(code)
 
@@ -109,8 +110,9 @@ def status(
     from .status import snapshot
 
     topics = Topics(cfg.topic_prefix, cfg.cluster)
+    _, keyring = _keys(cfg)
     try:
-        view = asyncio.run(snapshot(cfg.broker, topics, wait))
+        view = asyncio.run(snapshot(cfg.broker, topics, wait, keyring))
     except MqttFailure as exc:
         click.echo(f"hasync: cannot read cluster state from {cfg.broker.redacted_url()}: {exc}", err=True)
         sys.exit(1)
@@ -139,17 +141,38 @@ def status(
     console.print(table)
     primaries = view.primaries(now)
     console.print(f"primary: {', '.join(primaries) if primaries else 'none'}")
+    if view.authenticated:
+        console.print(f"signed: every node's messages verified against the configured keys ({view.rejected} rejected)")
+    else:
+        console.print("[yellow]unauthenticated[/]: " + (
+            "no signing keys in this configuration" if keyring is None else
+            "not every node signs its messages" if keyring.required else "signing.required is off"
+        ) + f"; any client that may write {topics.base}/# can speak for any node (README: Signed messages)")
     if not view.nodes:
         console.print(f"no nodes seen on {cfg.broker.redacted_url()} under {topics.base}/")
+
+
+def _keys(cfg: AgentConfig) -> tuple[Signer | None, Keyring | None]:
+    """This node's signer and the cluster's keyring when the configuration has keys (one line if unusable)."""
+    if cfg.signing is None:
+        return None, None
+    from . import signing
+
+    try:
+        return signing.load(cfg.node_id, cfg.signing.private_key, cfg.signing.public_keys,
+                            required=cfg.signing.required)
+    except signing.SigningError as exc:
+        _fail(f"signing: {exc}")
 
 
 def _checked_command(cfg: AgentConfig, node: str, what: Literal["step_down", "resume"], successor: str | None) -> None:
     """Send a command the cluster's state shows to make sense; one line and exit 1 otherwise."""
     from .status import CommandRefused, checked_command
 
+    signer, keyring = _keys(cfg)
     try:
         asyncio.run(checked_command(cfg.broker, Topics(cfg.topic_prefix, cfg.cluster), node, what,
-                                    successor=successor))
+                                    successor=successor, signer=signer, keyring=keyring))
     except CommandRefused as exc:
         _fail(f"not sent: {exc}")
     except (MqttFailure, ValueError) as exc:
@@ -204,6 +227,23 @@ def decommission(
     except (MqttFailure, ValueError) as exc:
         _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
     click.echo(f"removed {node}: cleared {count} retained topics")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--show", is_flag=True, help="Print the public key of an existing private key file.")
+def keygen(path: Path, show: bool) -> None:
+    """Create this node's signing key at PATH (Ed25519, PEM, mode 0600) and print its public key.
+
+    Put the printed line under signing.public_keys in the configuration of every node of the cluster,
+    and PATH as this node's signing.private_key."""
+    from . import signing
+
+    try:
+        key = signing.load_private_key(path) if show else signing.generate(path)
+    except signing.SigningError as exc:
+        _fail(str(exc))
+    click.echo(signing.public_key_text(key.public_key()))
 
 
 @main.command()

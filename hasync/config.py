@@ -398,6 +398,30 @@ class HttpConfig(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
 
 
+_PUBLIC_KEY = re.compile(r"^[A-Za-z0-9_-]{43}=?$")  # 32 bytes, base64url (hasync.signing)
+
+
+class SigningConfig(_Model):
+    """Signed control messages (``hasync.signing``): this node's private key, every node's public key."""
+
+    private_key: Path
+    public_keys: dict[str, str]
+    # False: accept unsigned messages too (verifying signed ones), while a cluster moves to signing.
+    required: bool = True
+    # Commands without a signature (Home Assistant's buttons), authorised by the broker's ACL.
+    unsigned_commands: bool = True
+
+    @model_validator(mode="after")
+    def _keys(self) -> SigningConfig:
+        if not self.private_key.is_file():
+            raise ValueError(f"private_key: {self.private_key} is not a readable file (create it with hasync keygen)")
+        for node, key in self.public_keys.items():
+            validate_segment(node, "node id")
+            if not _PUBLIC_KEY.match(key.strip()):
+                raise ValueError(f"public_keys.{node}: not an Ed25519 public key as hasync keygen prints it")
+        return self
+
+
 class LogConfig(_Model):
     format: Literal["text", "json"] = "text"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -424,6 +448,7 @@ class AgentConfig(_Model):
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
     events_file: Path | None = None
+    signing: SigningConfig | None = None
 
     @field_validator("node_id")
     @classmethod
@@ -462,6 +487,12 @@ class AgentConfig(_Model):
                 "homeassistant.discovery is on: the primary sensor's expire_after (whole seconds) must be "
                 "shorter than it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _own_key_listed(self) -> AgentConfig:
+        if self.signing is not None and self.node_id not in self.signing.public_keys:
+            raise ValueError(f"signing.public_keys must list this node ({self.node_id}) too")
         return self
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ from .config import AgentConfig, HookEvent
 from .election import DemotionCause
 from .homeassistant.discovery import Discovery, primary_state
 from .homeassistant.errors import HomeAssistantError
-from .messages import LeaderAnnouncement, LeaseRecord, NodeRole
+from .messages import LeaderAnnouncement, LeaseRecord, Message, NodeRole
 from .metrics import Metrics
 from .publisher import Outgoing, Publisher
 from .topics import Topics
@@ -103,8 +103,10 @@ class RoleEffects:
         wall: Callable[[], float],
         agent_version: str,
         events: EventSink | None = None,
+        seal: Callable[[str, Message], bytes] = lambda topic, message: message.to_payload(),
     ) -> None:
         self.config = config
+        self._seal = seal
         self.topics = topics
         self.publisher = publisher
         self.metrics = metrics
@@ -209,7 +211,7 @@ class RoleEffects:
         stamped = record.model_copy(update={"sent_at": self._wall()})
         logger.info("releasing term %d%s", record.term, f" to {record.successor}" if record.successor else "")
         return [Outgoing(self.topics.leader, announcement.to_payload(), False),
-                Outgoing(self.topics.lease, stamped.to_payload(), False)]
+                Outgoing(self.topics.lease, self._seal(self.topics.lease, stamped), False)]
 
     async def wait_for_hooks(self) -> None:
         if self.hooks is None:

@@ -26,6 +26,8 @@ Term = Count
 Seq = Count
 Priority = Annotated[int, Field(ge=0, le=1000)]
 WallTime = Annotated[float, Field(allow_inf_nan=False)]  # seconds since the epoch, informational only
+# An Ed25519 signature, unpadded base64url, always the message's last member (hasync.signing).
+Signature = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{86}$")]
 
 
 class NodeRole(enum.StrEnum):
@@ -67,6 +69,7 @@ class LeaseRecord(Message):
     priority: Priority = 0
     lease_ms: Annotated[int, Field(gt=0, le=MAX_INT)]
     sent_at: WallTime  # wall clock, informational only: never used to judge expiry
+    sig: Signature | None = None  # by ``holder``
 
     @model_validator(mode="after")
     def _shape(self) -> LeaseRecord:
@@ -126,6 +129,7 @@ class Heartbeat(Message):
     agent_version: Annotated[str, Field(max_length=64)] = ""
     sync: SyncSummary | None = None
     sent_at: WallTime = 0.0
+    sig: Signature | None = None  # by ``node``
 
 
 class LeaderAnnouncement(Message):
@@ -145,11 +149,19 @@ class LeaderAnnouncement(Message):
 class Command(Message):
     """A request to one node: hand leadership over (optionally to a named node); take leadership back from
     worse nodes again after a step-down (``resume``); or switch its maintenance mode (``on``), in which it
-    refuses leadership."""
+    refuses leadership.
+
+    A command from hasync's own tools is signed by the node whose configuration the tool ran with
+    (``by``), and stamped with its wall clock (``sent_at``: a signed command is accepted only close to
+    the receiver's clock, and once). Home Assistant's buttons cannot sign: the broker's ACL authorises
+    them."""
 
     command: Literal["step_down", "resume", "maintenance"]
     successor: NodeId | None = None
     on: bool | None = None
+    by: NodeId | None = None
+    sent_at: WallTime | None = None
+    sig: Signature | None = None  # by ``by``
 
     @model_validator(mode="after")
     def _shape(self) -> Command:
@@ -159,6 +171,8 @@ class Command(Message):
             raise ValueError("only a maintenance command takes 'on'")
         if self.command != "step_down" and self.successor is not None:
             raise ValueError("only a step_down command names a successor")
+        if self.sig is not None and (self.by is None or self.sent_at is None):
+            raise ValueError("a signed command names its signer (by) and its time (sent_at)")
         return self
 
 
@@ -172,6 +186,11 @@ class DropReason(enum.StrEnum):
     ENTITY_MISMATCH = "entity_mismatch"
     RETAINED_COMMAND = "retained_command"
     FAILED = "failed"  # valid, but handling it raised: a bug, logged with its traceback
+    # Signatures (hasync.signing), when the cluster has keys:
+    UNSIGNED = "unsigned"
+    UNKNOWN_SIGNER = "unknown_signer"
+    BAD_SIGNATURE = "bad_signature"
+    STALE_COMMAND = "stale_command"  # a signed command outside the time window, or seen before
 
 
 class MessageError(ValueError):

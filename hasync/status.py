@@ -20,6 +20,7 @@ from .election import LeaseStream
 from .homeassistant.discovery import Discovery
 from .messages import Command, Heartbeat, LeaderAnnouncement, LeaseRecord, MessageError, NodeRole, parse
 from .mqtt import connect
+from .signing import Keyring, Signer
 from .topics import TopicKind, Topics
 from .transport import Incoming
 
@@ -53,6 +54,8 @@ class ClusterView:
     announcement: LeaderAnnouncement | None = None
     dropped: int = 0
     stale_after: float = 3.0  # seconds without a live heartbeat before a node's state is unknown
+    keyring: Keyring | None = None  # the cluster's keys: then only what verifies is shown, as the agents do
+    rejected: int = 0  # messages that failed verification
 
     def apply(self, message: Incoming, now: float) -> None:
         parsed = self.topics.parse(message.topic)
@@ -63,14 +66,29 @@ class ClusterView:
         try:
             if parsed.kind is TopicKind.HEARTBEAT:
                 hb = parse(Heartbeat, message.payload)
-                if hb.node == parsed.node:
+                if hb.node == parsed.node and self._verified(message, hb.node, hb.sig):
                     self.nodes[hb.node] = NodeState(hb, now, live=not message.retain)
             elif parsed.kind is TopicKind.LEASE:
-                self.stream.offer(parse(LeaseRecord, message.payload), retained=message.retain)
+                record = parse(LeaseRecord, message.payload)
+                if self._verified(message, record.holder, record.sig):
+                    self.stream.offer(record, retained=message.retain)
             elif parsed.kind is TopicKind.LEADER:
                 self.announcement = parse(LeaderAnnouncement, message.payload)
         except MessageError:
             self.dropped += 1
+
+    def _verified(self, message: Incoming, signer: str, sig: str | None) -> bool:
+        if self.keyring is None or self.keyring.check(message.topic, message.payload, signer, sig) is None:
+            return True
+        self.rejected += 1
+        return False
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether what is shown was verified, and the cluster requires signatures of every node (as far
+        as this observer can tell: every node seen signs its heartbeats)."""
+        return self.keyring is not None and self.keyring.required and all(
+            s.heartbeat.sig is not None for s in self.nodes.values())
 
     def primaries(self, now: float) -> list[str]:
         return sorted(n for n, s in self.nodes.items()
@@ -105,6 +123,7 @@ class ClusterView:
                 "heartbeat_wall_age_s": round(time.time() - hb.sent_at, 1) if hb.sent_at else None,
                 "version": hb.agent_version,
                 "sync": None if hb.sync is None else hb.sync.model_dump(),
+                "signed": hb.sig is not None,
             })
         return rows
 
@@ -119,6 +138,8 @@ class ClusterView:
                 "term": lease.term, "seq": lease.seq, "holder": lease.holder, "successor": lease.successor,
             },
             "nodes": self.rows(now),
+            "authenticated": self.authenticated,
+            "rejected": self.rejected,
         }
 
     def check_step_down(self, node: str, successor: str | None, now: float) -> None:
@@ -171,9 +192,10 @@ async def watch(broker: BrokerConfig, topics: Topics, view: ClusterView, stop: a
                 await task
 
 
-async def snapshot(broker: BrokerConfig, topics: Topics, wait: float) -> ClusterView:
+async def snapshot(broker: BrokerConfig, topics: Topics, wait: float,
+                   keyring: Keyring | None = None) -> ClusterView:
     """Collect retained state (and what arrives meanwhile) for ``wait`` seconds."""
-    view = ClusterView(topics)
+    view = ClusterView(topics, keyring=keyring)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.call_later(wait, stop.set)
@@ -181,27 +203,36 @@ async def snapshot(broker: BrokerConfig, topics: Topics, wait: float) -> Cluster
     return view
 
 
-async def send_command(broker: BrokerConfig, topics: Topics, node: str, command: Command) -> None:
+async def send_command(broker: BrokerConfig, topics: Topics, node: str, command: Command,
+                       signer: Signer | None = None) -> None:
+    """Publish ``command`` to ``node``; signed by ``signer`` (then stamped with its node and the time)."""
+    topic = topics.command(node)
+    if signer is None:
+        payload = command.to_payload()
+    else:
+        stamped = command.model_copy(update={"by": signer.node_id, "sent_at": time.time()})
+        payload = signer.sign(topic, stamped.to_payload())
     async with connect(broker, f"hasync-cli-{secrets.token_hex(4)}") as session:
-        await session.publish(topics.command(node), command.to_payload(), retain=False)
+        await session.publish(topic, payload, retain=False)
 
 
-async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, successor: str | None) -> None:
-    await send_command(broker, topics, node, Command(command="step_down", successor=successor))
+async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, successor: str | None,
+                         signer: Signer | None = None) -> None:
+    await send_command(broker, topics, node, Command(command="step_down", successor=successor), signer)
 
 
 async def checked_command(
     broker: BrokerConfig, topics: Topics, node: str, what: Literal["step_down", "resume"], *,
-    successor: str | None = None, wait: float = 1.5,
+    successor: str | None = None, wait: float = 1.5, signer: Signer | None = None, keyring: Keyring | None = None,
 ) -> None:
     """Read the cluster's state for ``wait`` seconds, refuse a command it shows to be wrong
     (``CommandRefused``), else send it."""
-    view = await snapshot(broker, topics, wait)
+    view = await snapshot(broker, topics, wait, keyring)
     if what == "step_down":
         view.check_step_down(node, successor, time.monotonic())
     else:
         view.check_known(node)
-    await send_command(broker, topics, node, Command(command=what, successor=successor))
+    await send_command(broker, topics, node, Command(command=what, successor=successor), signer)
 
 
 async def decommission(broker: BrokerConfig, topics: Topics, node: str, discovery_prefix: str) -> int:
