@@ -169,6 +169,21 @@ class Net:
         return self.up_max + self.down_max
 
 
+@dataclass(frozen=True)
+class Flaky:
+    """A flaky link (what ``tc netem delay 200ms 150ms loss 10%`` does to a TCP connection): every message
+    to or from the host takes ``delay`` +- ``jitter``; with chance ``loss`` a segment is lost and the
+    message waits for a retransmission, ``rto`` later. Order is kept (TCP), nothing is lost for good,
+    and the connection survives (the stalls stay well below the keepalive)."""
+
+    start: float
+    end: float
+    delay: float = 0.2
+    jitter: float = 0.15
+    loss: float = 0.1
+    rto: tuple[float, float] = (0.4, 1.0)
+
+
 @dataclass
 class Interval:
     node: str
@@ -206,6 +221,7 @@ class Host:
     healthy: bool = True
     maintenance: bool = False
     send_clock: float = 0.0  # FIFO uplink: the broker gets this host's publishes in send order
+    flaky: Flaky | None = None
 
     def local(self, t: float) -> float:
         return self.offset + self.rate * t
@@ -298,6 +314,20 @@ class Sim:
 
     def _delay(self, lo: float, hi: float) -> float:
         return lo + self.rng.random() * (hi - lo)
+
+    def _link_delay(self, h: Host, lo: float, hi: float) -> float:
+        """One message's delay on ``h``'s link: the network's, or the flaky link's while it lasts."""
+        f = h.flaky
+        if f is None or not f.start <= self.now < f.end:
+            return self._delay(lo, hi)
+        delay = max(0.0, f.delay + (2 * self.rng.random() - 1) * f.jitter)
+        while self.rng.random() < f.loss:  # lost, retransmitted (and maybe lost again)
+            delay += self._delay(*f.rto)
+        return delay
+
+    def flaky(self, node_id: str, start: float, end: float, **link: Any) -> None:
+        """Make ``node_id``'s link flaky from ``start`` to ``end`` (see ``Flaky``)."""
+        self.hosts[node_id].flaky = Flaky(start, end, **link)
 
     # ---- the agents -------------------------------------------------------------------------------
 
@@ -433,7 +463,7 @@ class Sim:
     # ---- the broker -------------------------------------------------------------------------------
 
     def _uplink(self, h: Host) -> float:
-        t = max(h.send_clock, self.now + self._delay(h.net.up_min, h.net.up_max))
+        t = max(h.send_clock, self.now + self._link_delay(h, h.net.up_min, h.net.up_max))
         h.send_clock = t
         return t
 
@@ -465,7 +495,7 @@ class Sim:
         """The broker hands ``message`` to the host's connection: it arrives after a network delay, behind
         every earlier message of its topic; a live one may come again later (a QoS 1 duplicate)."""
         key = (session, message.topic)
-        t = max(self._fifo.get(key, 0.0), self.now + self._delay(h.net.down_min, h.net.down_max))
+        t = max(self._fifo.get(key, 0.0), self.now + self._link_delay(h, h.net.down_min, h.net.down_max))
         self._fifo[key] = t
 
         def arrive() -> None:

@@ -433,7 +433,7 @@ class Agent:
         now = self.clock()
         if self.replica is not None:
             self.replica.set_leader_term(e.term)
-        summary = (e.role, e.leader, e.term, e.eligible(now), e.healthy, e.maintenance, e.preempting)
+        summary = (e.role, e.leader, e.term, e.eligible(now), e.healthy, e.maintenance, e.preempting(now))
         if summary != self._summary:
             self._summary = summary
             self.metrics.set_role(heartbeats.reported_role(e, now))
@@ -460,6 +460,10 @@ class Agent:
                     self.effects.promoted(term, deadline)
                 case Demoted(term=term, cause=cause, reason=reason, acting_until=until):
                     self.effects.demoted(term, cause, reason, until)
+                    damped = self.election.damped_until(self.clock())
+                    if damped is not None:
+                        logger.warning("flap damping: not taking leadership back before this node's link has been "
+                                       "stable for %.0f s", damped - self.clock())
                 case Fault(reason=reason):
                     self.effects.fault(self.election.term, reason)
                 case Ignored(record=record, reason=reason):
@@ -640,6 +644,8 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         e = self.election
+        now = self.clock()
+        damped = e.damped_until(now)
         return {
             "node": self.node_id,
             "cluster": self.config.cluster,
@@ -648,7 +654,8 @@ class Agent:
             "term": e.term,
             "leader": e.leader,
             "priority": e.priority,
-            "preempt": e.preempting,
+            "preempt": e.preempting(now),
+            "damped_for_s": None if damped is None else round(damped - now, 1),  # flap damping holds it back
             "healthy": e.healthy,
             "health_detail": e.health_detail,
             "maintenance": e.maintenance,

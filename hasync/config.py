@@ -261,6 +261,11 @@ class ElectionConfig(_Model):
     claim_stagger: Annotated[float, Field(ge=0, le=10)] = _DEFAULT_TIMING.claim_stagger
     preempt_delay: Annotated[float, Field(ge=0, le=3600)] = _DEFAULT_TIMING.preempt_delay
     will_fast_path: bool = _DEFAULT_TIMING.will_fast_path
+    release_fast_path: bool = _DEFAULT_TIMING.release_fast_path
+    flap_damping: bool = _DEFAULT_TIMING.flap_damping
+    damping_hold: Annotated[float, Field(ge=0, le=86400)] = _DEFAULT_TIMING.damping_hold
+    damping_max: Annotated[float, Field(ge=0, le=86400)] = _DEFAULT_TIMING.damping_max
+    damping_half_life: Annotated[float, Field(gt=0, le=86400)] = _DEFAULT_TIMING.damping_half_life
 
     @model_validator(mode="after")
     def _relations(self) -> ElectionConfig:
@@ -279,6 +284,8 @@ class ElectionConfig(_Model):
                 f"heartbeat_interval ({self.heartbeat_interval}) must be at most half of "
                 f"lease_duration ({self.lease_duration})"
             )
+        if self.damping_hold > self.damping_max:
+            raise ValueError(f"damping_hold ({self.damping_hold}) must not exceed damping_max ({self.damping_max})")
         return self
 
     def timing(self) -> Timing:

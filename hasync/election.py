@@ -126,6 +126,14 @@ class Timing:
     claim_stagger: float = 0.15
     preempt_delay: float = 10.0
     will_fast_path: bool = True
+    release_fast_path: bool = True
+    # Flap damping: after losing leadership by a fault, no preemption until the link has been stable for
+    # damping_hold, doubled for every further recent loss (up to damping_max); losses are forgotten with
+    # a half-life of damping_half_life.
+    flap_damping: bool = True
+    damping_hold: float = 30.0
+    damping_max: float = 600.0
+    damping_half_life: float = 300.0
 
     def check(self) -> None:
         if not 0 < self.renew_interval < self.renew_deadline < self.lease_duration:
@@ -134,6 +142,8 @@ class Timing:
             raise ValueError("need 0 < heartbeat_interval <= lease_duration / 2")
         if self.claim_stagger < 0 or self.preempt_delay < 0:
             raise ValueError("claim_stagger and preempt_delay must be >= 0")
+        if not 0 <= self.damping_hold <= self.damping_max or self.damping_half_life <= 0:
+            raise ValueError("need 0 <= damping_hold <= damping_max and damping_half_life > 0")
 
 
 # ---- events -------------------------------------------------------------------------------------
@@ -234,6 +244,11 @@ class DemotionCause(enum.StrEnum):
     UNHEALTHY = "unhealthy"
     MAINTENANCE = "maintenance"
     PREEMPTED = "preempted"
+
+
+# Losses that say something about this node's link or health: they count for flap damping.
+FAULTS = frozenset({DemotionCause.DISCONNECTED, DemotionCause.DEADLINE, DemotionCause.DEPOSED,
+                    DemotionCause.WILL, DemotionCause.UNHEALTHY})
 
 
 @dataclass(frozen=True)
@@ -420,6 +435,12 @@ class Election:
         self.stopping = False
         self.preempt_held = False  # stepped down: no preemption until Resume (or a restart)
         self._cold = True  # no live renewal seen since this node started (see "cold start")
+        # Flap damping: recent losses by a fault (decaying), and since when the link has looked stable.
+        self._penalty = 0.0
+        self._penalty_at = 0.0
+        self._hold = 0.0  # how long the link must be stable, set at each loss from the penalty
+        self._stable_since = 0.0
+        self._last_echo: float | None = None  # our own heartbeat's last echo on this connection
         self._connected_at = 0.0
         self._last_activity = 0.0
         self._vacant_since: float | None = None
@@ -434,10 +455,27 @@ class Election:
     def lease(self) -> Lease | None:
         return self.stream.lease
 
-    @property
-    def preempting(self) -> bool:
+    def preempting(self, now: float) -> bool:
         """Whether this node takes leadership from a worse primary (what its heartbeat reports)."""
-        return self.preempt and not self.preempt_held
+        return self.preempt and not self.preempt_held and self.damped_until(now) is None
+
+    def damped_until(self, now: float) -> float | None:
+        """While flap damping holds this node back from preemption: until when, if its link stays stable;
+        None when it does not."""
+        t = self.timing
+        penalty = self._penalty_now(now)
+        if not t.flap_damping or penalty < 0.5:
+            return None
+        until = self._stable_since + self._hold
+        return until if now < until else None
+
+    def _last_in_line(self, now: float) -> bool:
+        """Damped after a second recent loss: also the last to claim a vacant lease."""
+        return self.damped_until(now) is not None and self._penalty_now(now) >= 1.5
+
+    def _penalty_now(self, now: float) -> float:
+        """Recent losses by a fault, each forgotten with the damping half-life."""
+        return self._penalty * 2 ** (-(now - self._penalty_at) / self.timing.damping_half_life)
 
     def is_leader(self, now: float) -> bool:
         """True only while this node may act as primary: leader and within its renew deadline."""
@@ -482,6 +520,9 @@ class Election:
             times.append(self._candidacy.sent_at + self.timing.renew_deadline)
         if self.role is Role.OBSERVING:
             times.append(self._connected_at + self.timing.lease_duration)
+        damped = self.damped_until(now)
+        if damped is not None:
+            times.append(damped)
         claim_at = self._claim_time(now)
         if claim_at is not None and self._claim_position(now)[0] + 1 < MAX_TERM:
             times.append(claim_at)
@@ -497,11 +538,14 @@ class Election:
                 self.role = Role.OBSERVING
                 self._connected_at = now
                 self._last_activity = now
+                self._unstable(now)
+                self._last_echo = None
                 self._vacant_since = None
                 self._candidacy = None
                 self.stream.reconnected()
             case Disconnected(reason=reason):
                 self._drop_leadership(now, DemotionCause.DISCONNECTED, f"disconnected: {reason}", actions)
+                self._unstable(now)
                 self._candidacy = None
                 self.role = Role.DISCONNECTED
             case RecordReceived(record=record, retained=retained):
@@ -556,7 +600,8 @@ class Election:
             self._cold = False
         # A retained record says nothing about *when* the lease was released: only a live release
         # opens the fast path; a retained one waits for the silence rule like anything else.
-        self._vacant_since = now if lease.released and not retained else None
+        fast = self.timing.release_fast_path
+        self._vacant_since = now if lease.released and not retained and fast else None
         mine = rec.holder == self.node_id and rec.incarnation == self.incarnation and rec.conn == self.conn
 
         if self._leadership and (
@@ -591,6 +636,12 @@ class Election:
 
     def _on_heartbeat(self, hb: Heartbeat, now: float, actions: list[Action]) -> None:
         if hb.node == self.node_id:
+            if hb.online and (hb.incarnation, hb.conn) == (self.incarnation, self.conn):
+                # Our own heartbeat came back: a gap well beyond the heartbeat interval is a link that
+                # stalls (lost packets, retransmissions), which flap damping must not call stable.
+                if self._last_echo is not None and now - self._last_echo > 1.5 * self.timing.heartbeat_interval:
+                    self._unstable(now)
+                self._last_echo = now
             if not hb.online and (hb.incarnation, hb.conn) != (self.incarnation, self.conn):
                 actions.append(RepublishHeartbeat(f"stale will of connection {hb.incarnation}:{hb.conn}"))
             elif not hb.online and self.role is not Role.DISCONNECTED:
@@ -648,6 +699,7 @@ class Election:
             self._candidacy = None
             self.role = Role.FOLLOWER
             self._last_activity = max(self._last_activity, now)
+            self._unstable(now)
             actions.append(ClaimUnanswered(cand.term))
         claim_at = self._claim_time(now)
         if claim_at is not None and now >= claim_at:
@@ -718,6 +770,9 @@ class Election:
 
     def _rank(self, now: float) -> int:
         holder = self.lease.holder if self.lease else None
+        if self._last_in_line(now):
+            # Flap damping: after every eligible peer, whatever the priorities.
+            return 1 + sum(1 for p in self._fresh_peers(now) if p.heartbeat.eligible and p.heartbeat.node != holder)
         ahead = {p.heartbeat.node for p in self._fresh_peers(now)
                  if p.heartbeat.eligible and p.heartbeat.node != holder and self._better(p.heartbeat)}
         if self._cold:
@@ -785,7 +840,17 @@ class Election:
         self._last_activity = max(self._last_activity, now)
         if lead.confirmed:
             actions.append(Demoted(lead.term, cause, reason, acting_until=min(now, lead.deadline)))
+            if cause in FAULTS:
+                self._penalty = self._penalty_now(now) + 1
+                self._penalty_at = now
+                t = self.timing
+                self._hold = min(t.damping_max, t.damping_hold * 2 ** (self._penalty - 1))
+                self._unstable(now)
         return lead
+
+    def _unstable(self, now: float) -> None:
+        """The link (or the node) just misbehaved: flap damping counts its stable time from now."""
+        self._stable_since = max(self._stable_since, now)
 
     def _step_down(
         self, now: float, cause: DemotionCause, reason: str, successor: str | None, actions: list[Action]

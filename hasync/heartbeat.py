@@ -54,7 +54,7 @@ def build(
         view=election.view(),
         leader=election.leader,
         priority=election.priority,
-        preempt=election.preempting,
+        preempt=election.preempting(now),
         healthy=election.healthy,
         eligible=online and election.eligible(now),
         maintenance=election.maintenance,

@@ -647,3 +647,90 @@ def test_a_node_that_stepped_down_is_not_eligible_during_its_holdoff() -> None:
     b.handle(StepDown("step-down requested"), 1.0)
     assert not b.eligible(1.0 + T.lease_duration - 0.01)
     assert b.eligible(1.0 + T.lease_duration)
+
+
+# ---- flap damping and the release fast path ------------------------------------------------------------
+
+DAMP = Timing(preempt_delay=5.0, damping_hold=30.0, damping_half_life=300.0)
+
+
+def echo(e: Election, now: float) -> list[Action]:
+    """The node's own heartbeat comes back from the broker, and so does a renewal of b, who took over
+    term 2 (unanswered claims of its own would say the link is bad)."""
+    seq = int(now * 10)
+    actions = feed(e, [renew("b", 2, seq)], now)
+    return actions + e.handle(HeartbeatReceived(heartbeat(e.node_id, incarnation=e.incarnation, conn=e.conn)), now)
+
+
+def lost_by_deadline(e: Election) -> float:
+    """Let a leader's renewals go unanswered until its deadline demotes it; returns that time."""
+    deadline = e.deadline
+    assert deadline is not None
+    demoted = of_type(e.handle(Tick(), deadline), Demoted)
+    assert demoted and demoted[0].cause == "renew_deadline"
+    return deadline
+
+
+def test_a_leader_lost_by_a_fault_does_not_preempt_until_its_link_was_stable_for_the_hold() -> None:
+    e = leader(timing=DAMP)
+    lost = lost_by_deadline(e)
+    assert not e.preempting(lost) and e.damped_until(lost) == pytest.approx(lost + 30.0)
+    for t in range(1, 30):  # heartbeats come back every second: the link is stable
+        echo(e, lost + t)
+        assert not e.preempting(lost + t)
+    echo(e, lost + 30.0)
+    assert e.preempting(lost + 30.0) and e.damped_until(lost + 30.0) is None
+
+
+def test_a_stalling_link_restarts_the_hold() -> None:
+    e = leader(timing=DAMP)
+    lost = lost_by_deadline(e)
+    echo(e, lost + 1.0)
+    echo(e, lost + 10.0)  # 9 s without our own heartbeat: the link stalled
+    assert e.damped_until(lost + 10.0) == pytest.approx(lost + 40.0)
+    e.handle(Disconnected(), lost + 20.0)
+    e.handle(Connected(2), lost + 21.0)
+    assert e.damped_until(lost + 21.0) == pytest.approx(lost + 51.0)
+    echo(e, lost + 51.0)
+    assert e.preempting(lost + 51.0)
+
+
+def test_repeated_losses_double_the_hold_and_put_the_node_last_in_line() -> None:
+    e = leader(timing=DAMP)
+    first = lost_by_deadline(e)
+    assert e._rank(first) == 0  # one loss: still first in line for a vacant lease (a broker restart, say)
+    # Elected again at once (nobody else there), and lost again.
+    t = first + 3.0
+    actions = e.handle(Tick(), t)
+    (c,) = published(actions)
+    won = feed(e, [c], t)
+    feed(e, published(won), t)
+    assert e.is_leader(t)
+    second = lost_by_deadline(e)
+    hold = e.damped_until(second)
+    assert hold is not None and hold - second == pytest.approx(30.0 * 2 ** (2 ** -((second - first) / 300)))
+    assert 55 < hold - second < 60
+    e.handle(HeartbeatReceived(heartbeat("b", view=(2, 1), priority=1)), second)
+    assert e._rank(second) == 2  # behind every eligible peer, even a worse one
+
+
+def test_losses_by_choice_do_not_damp_and_losses_are_forgotten() -> None:
+    for stop in (StepDown("update"), MaintenanceChanged(True)):
+        e = leader(timing=DAMP)
+        e.handle(stop, 4.0)
+        assert e.damped_until(4.0) is None
+    e = leader(timing=DAMP)
+    lost = lost_by_deadline(e)
+    e.handle(Disconnected(), lost + 100.0)  # unstable, but the loss is forgotten after a half-life
+    assert e.damped_until(lost + 100.0) is not None
+    assert e.damped_until(lost + 301.0) is None
+    e = leader(timing=Timing(preempt_delay=5.0, flap_damping=False))
+    assert lost_by_deadline(e) and e.preempting(10.0)
+
+
+def test_without_the_release_fast_path_a_release_waits_for_silence() -> None:
+    for successor in (None, "b"):
+        e = follower_of("x", at=5.0, timing=Timing(preempt_delay=5.0, release_fast_path=False))
+        assert published(feed(e, [release("x", 1, 4, successor=successor)], 5.5)) == []
+        assert published(e.handle(Tick(), 8.49)) == []
+        assert published(e.handle(Tick(), 8.5)) != []
