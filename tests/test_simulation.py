@@ -10,8 +10,8 @@ Every run checks, in global (simulation) time:
     its deadline, or its death); the intervals are pairwise disjoint, and ``is_leader`` is sampled
     after every event on every live node, a frozen one included;
 (c) no node's view term ever decreases;
-(d) liveness: after the last disturbance (fault, heal, reconnect, will, the end of a flaky link), while some healthy node is up
-    and connected, no period without a primary lasts longer than ``Sim.liveness_bound()``:
+(d) liveness: after the last disturbance (fault, heal, reconnect, will, the end of a flaky link), while
+    some healthy node is up and connected, no period without a primary lasts longer than ``Sim.liveness_bound()``:
     stray records (max delay + replay) + lease_duration + renew_deadline on the slowest clock + two
     claim rounds (N * claim_stagger on the slowest clock + 2 max delays each) + 0.5 s: 7 to 9.5 s
     with the default timing and the generated delays. Once the cluster has settled (the bound plus
