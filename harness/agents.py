@@ -320,6 +320,9 @@ class TopicRecorder:
         client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
         client.on_subscribe = lambda *_: self._subscribed.set()
         client.on_message = lambda _c, _u, m: self.messages.append((time.monotonic(), m.topic, bytes(m.payload)))
+        user, password = cfg.credentials
+        if user is not None:
+            client.username_pw_set(user, password)
         client.connect(cfg.host, cfg.port)
         client.loop_start()
         self._client = client

@@ -158,11 +158,22 @@ class FakeSession:
         self.client = fake.model.connect(client_id, will, self._arrive)
         self.lost: str | None = None
         self._gone = asyncio.Event()
+        self.deaf = False  # inbound blocked (a one-way fault): deliveries wait in ``unheard``
+        self.unheard: list[Incoming] = []
 
     def _arrive(self, message: Incoming) -> None:
         if self._fake.paused:
             self._fake.held.append((self, message))
+        elif self.deaf:
+            self.unheard.append(message)
         else:
+            self._queue.put_nowait(message)
+
+    def hear(self) -> None:
+        """Inbound works again: what was held back arrives, in order."""
+        self.deaf = False
+        unheard, self.unheard = self.unheard, []
+        for message in unheard:
             self._queue.put_nowait(message)
 
     def _check(self) -> None:
@@ -264,6 +275,13 @@ class FakeMqtt:
         else:
             self.model.drop(session.client)
         session.end("connection reset (cut by the test)")
+
+    def deafen(self, node: str) -> FakeSession:
+        """The node's inbound path blocks (its publishes still go out) until ``hear()`` on the session."""
+        session = self.session_of(node)
+        assert session is not None, f"{node} is not connected"
+        session.deaf = True
+        return session
 
     def restart(self, *, keep_retained: bool = True) -> None:
         """Every connection breaks without wills (the broker went away); retained messages kept or lost."""
