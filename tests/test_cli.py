@@ -87,3 +87,33 @@ def test_a_step_down_is_refused_unless_the_cluster_shows_it_makes_sense() -> Non
             view.check_step_down(node, successor, 10.5)
     with pytest.raises(CommandRefused, match="it is unknown"):  # no live heartbeat for a while
         view.check_step_down("a", None, 20.0)
+
+
+def test_keygen_writes_a_private_key_once_and_prints_its_public_key(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    made = CliRunner().invoke(cli.main, ["keygen", str(path)])
+    assert made.exit_code == 0, made.output
+    public = made.output.strip()
+    assert len(public) == 43 and "PRIVATE KEY" in path.read_text()
+    shown = CliRunner().invoke(cli.main, ["keygen", "--show", str(path)])
+    assert shown.output.strip() == public
+    again = CliRunner().invoke(cli.main, ["keygen", str(path)])
+    assert again.exit_code == 1 and again.output.strip() == f"hasync: {path} exists; not overwriting a key"
+    assert shown.output.strip() == CliRunner().invoke(cli.main, ["keygen", "--show", str(path)]).output.strip()
+
+
+def test_an_agent_whose_key_does_not_match_its_listed_public_key_says_so_in_one_line(tmp_path: Path) -> None:
+    mine, other = tmp_path / "mine.key", tmp_path / "other.key"
+    CliRunner().invoke(cli.main, ["keygen", str(mine)])
+    listed = CliRunner().invoke(cli.main, ["keygen", str(other)]).output.strip()
+    config = tmp_path / "hasync.yaml"
+    config.write_text(f"node_id: a\nhttp: {{enabled: false}}\nbroker: {{url: 'mqtt://127.0.0.1:9'}}\n"
+                      f"signing: {{private_key: {mine}, public_keys: {{a: {listed}}}}}\n")
+    result = CliRunner().invoke(cli.main, ["agent", "--config", str(config)])
+    assert result.exit_code == 1
+    (line,) = [out for out in result.output.splitlines() if out.startswith("hasync:")]
+    assert line.startswith(f"hasync: cannot start the agent: signing: the private key {mine} does not match "
+                           "public_keys.a")
+    for args in (["status", "--wait", "0.1"], ["step-down", "--node", "a"]):
+        refused = CliRunner().invoke(cli.main, [*args, "--config", str(config)])
+        assert refused.exit_code == 1 and "signing: the private key" in refused.output

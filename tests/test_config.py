@@ -692,3 +692,32 @@ def test_cli_reads_the_environment_it_is_given() -> None:
     result = CliRunner().invoke(main, ["status"], env=CLEAN_ENV | {"HASYNC_CLUSTER": "a/b"})
     assert result.exit_code == 2
     assert "  cluster: cluster name 'a/b'" in result.stderr
+
+
+# ---- signing --------------------------------------------------------------------------------------
+
+PUBLIC = "A" * 43  # the shape of a public key as hasync keygen prints it
+
+
+def test_signing_needs_a_key_file_and_this_node_among_the_public_keys(tmp_path: Path) -> None:
+    key = write(tmp_path, "-----BEGIN PRIVATE KEY-----\n", name="a.key")
+    ok = load({("node_id",): "a", ("signing",): {"private_key": str(key), "public_keys": {"a": PUBLIC}}})
+    assert ok.signing is not None and ok.signing.required and ok.signing.unsigned_commands
+    assert "signing.public_keys must list this node (a)" in config_error(
+        node_id="a", signing={"private_key": str(key), "public_keys": {"b": PUBLIC}})
+    assert "is not a readable file (create it with hasync keygen)" in config_error(
+        node_id="a", signing={"private_key": str(tmp_path / "none.key"), "public_keys": {"a": PUBLIC}})
+    assert "public_keys.a: not an Ed25519 public key" in config_error(
+        node_id="a", signing={"private_key": str(key), "public_keys": {"a": "short"}})
+    assert "node id 'b c'" in config_error(
+        node_id="a", signing={"private_key": str(key), "public_keys": {"a": PUBLIC, "b c": PUBLIC}})
+
+
+def test_damping_settings_reach_the_election_and_are_checked() -> None:
+    election = ElectionConfig(flap_damping=False, damping_hold=5, damping_max=50, damping_half_life=60,
+                              release_fast_path=False)
+    timing = election.timing()
+    assert (timing.flap_damping, timing.damping_hold, timing.damping_max, timing.damping_half_life,
+            timing.release_fast_path) == (False, 5, 50, 60, False)
+    assert "damping_hold (100.0) must not exceed damping_max (50.0)" in config_error(
+        election__damping_hold=100, election__damping_max=50)

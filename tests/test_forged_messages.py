@@ -191,3 +191,16 @@ def test_unauthenticated_a_forged_will_or_release_makes_two_primaries_unless_its
         assert not await attacked({switch: False})
 
     run(scenario)
+
+
+@pytest.mark.parametrize("name", ["claim", "renewal of a new term", "better heartbeats"])
+def test_unauthenticated_other_forgeries_depose_the_primary_without_an_overlap(name: str) -> None:
+    async def scenario() -> None:
+        async with inprocess.cluster() as c:  # audited at the end: never two primaries
+            await start(c)
+            term = c.agents["n1"].election.term
+            t0 = await attack(c, name, repeat=15 if name == "better heartbeats" else 0)
+            await asyncio.sleep(3 * LEASE)
+            assert c.promotions(after=t0) or c.agents["n1"].election.term != term, "not deposed: shows nothing"
+
+    run(scenario)
