@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -102,8 +102,11 @@ class MemoryApi:
 
 
 class AgentProcess:
-    def __init__(self, workdir: Path, node: str, broker_url: str, prefix: str, **settings: Any) -> None:
+    def __init__(self, workdir: Path, node: str, broker_url: str, prefix: str, *,
+                 command_prefix: Sequence[str] = (), **settings: Any) -> None:
+        """``command_prefix``: what runs the agent's command (e.g. ``ip netns exec NS``, harness.netns)."""
         self.node = node
+        self.command_prefix = list(command_prefix)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.events_path = workdir / f"{node}.events"
@@ -128,12 +131,13 @@ class AgentProcess:
             else:
                 config[key] = value
         self.config_path.write_text(yaml.safe_dump(config))
+        self.http_host = config["http"].get("host", "127.0.0.1")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hasync", "agent", "--config", str(self.config_path)],
+            [*self.command_prefix, sys.executable, "-m", "hasync", "agent", "--config", str(self.config_path)],
             stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         log.close()
@@ -192,7 +196,7 @@ class AgentProcess:
 
     def http(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.http_host}:{self.http_port}{path}", timeout=2) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()

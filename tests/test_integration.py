@@ -221,10 +221,13 @@ def test_crashed_mosquitto_restoring_an_old_lease_does_not_lower_terms(
     mosquitto: BrokerProcess, tmp_path: Path, topic_prefix: str
 ) -> None:
     with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
-        leader = three(cluster)
+        three(cluster)
         mosquitto.restart()  # a graceful stop saves the database: it now holds this term's lease
         cluster.wait_for_leader(timeout=15, after=time.monotonic())
-        wait_until(lambda: cluster.current_leader() == leader, 15, "the cluster to settle again")
+        # One primary again: the old one if it won the election after the restart; if another node did,
+        # flap damping keeps the old one from preempting for election.damping_hold (its connection
+        # dropped), so this waits for any one primary, not for the old one.
+        wait_until(cluster.current_leader, 15, "the cluster to settle again")
         # Two handovers move the cluster two terms past what the broker saved.
         for _ in range(2):
             current = wait_until(cluster.current_leader, 10, "an acting primary")

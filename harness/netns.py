@@ -1,0 +1,87 @@
+"""A LAN of network namespaces for process tests that need a network of their own (root and iproute2).
+
+``Lan(["n1", "n2"])`` makes a bridge in the test's own namespace, with an address (so a broker started
+by the test listens there and the test reaches the nodes), and one namespace per node, each with a veth
+on the bridge. A process started with ``lan.prefix(node)`` runs inside that node's namespace: its
+network faults (``iptables`` there, ``harness.netem``) touch nobody else. Names and the subnet are
+random per LAN, so tests may build several at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+TOOL_TIMEOUT = 30.0
+
+
+def available() -> str | None:
+    """Why namespaces cannot be used here, or None."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian: iproute2, iptables)"
+    return None
+
+
+def run(*argv: str) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip() or result.returncode}")
+    return result.stdout
+
+
+class Lan:
+    def __init__(self, nodes: Sequence[str]) -> None:
+        tag = secrets.token_hex(3)
+        third = int(tag[:2], 16)
+        self.bridge = f"hsbr{tag}"
+        self.gateway = f"10.213.{third}.1"
+        self.namespaces = {node: f"hasync-{tag}-{node}" for node in nodes}
+        self.addresses = {node: f"10.213.{third}.{10 + i}" for i, node in enumerate(nodes)}
+        self._veths = {node: f"hsv{tag}{i}" for i, node in enumerate(nodes)}
+        self._made: list[tuple[str, str]] = []
+
+    def prefix(self, node: str) -> list[str]:
+        return ["ip", "netns", "exec", self.namespaces[node]]
+
+    def run_in(self, node: str, *argv: str) -> str:
+        return run(*self.prefix(node), *argv)
+
+    def __enter__(self) -> Self:
+        try:
+            run("ip", "link", "add", self.bridge, "type", "bridge")
+            self._made.append(("link", self.bridge))
+            run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            run("ip", "link", "set", self.bridge, "up")
+            for node, ns in self.namespaces.items():
+                run("ip", "netns", "add", ns)
+                self._made.append(("netns", ns))
+                veth = self._veths[node]
+                run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+                run("ip", "link", "set", veth, "master", self.bridge, "up")
+                self.run_in(node, "ip", "addr", "add", f"{self.addresses[node]}/24", "dev", "eth0")
+                self.run_in(node, "ip", "link", "set", "eth0", "up")
+                self.run_in(node, "ip", "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for kind, name in reversed(self._made):
+            if kind == "netns":
+                subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
+            else:
+                subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
+        self._made.clear()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
