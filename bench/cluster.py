@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from harness.agents import AgentProcess, Cluster
 from harness.wait import wait_until
+from hasync import signing
 from hasync.audit import Tenure, overlaps, tenures
 from hasync.config import BrokerConfig, ElectionConfig
 from hasync.messages import Command
@@ -71,7 +72,17 @@ class Audit:
 
 
 class BenchCluster:
-    def __init__(self, workdir: Path, broker_url: str, nodes: dict[str, int], **settings: Any) -> None:
+    def __init__(self, workdir: Path, broker_url: str, nodes: dict[str, int], *, signed: bool = False,
+                 **settings: Any) -> None:
+        """``signed``: every node gets a signing key (hasync.signing) and every node's public key."""
+        self.signing: dict[str, dict[str, Any]] = {}
+        if signed:
+            keys = workdir / "keys"
+            keys.mkdir(parents=True, exist_ok=True)
+            public = {node: signing.public_key_text(signing.generate(keys / f"{node}.key").public_key())
+                      for node in nodes}
+            self.signing = {node: {"private_key": str(keys / f"{node}.key"), "public_keys": public}
+                            for node in nodes}
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
         self.topics = Topics(self.prefix, CLUSTER)
         self.broker_url = broker_url
@@ -85,7 +96,8 @@ class BenchCluster:
     def __enter__(self) -> BenchCluster:
         try:
             for node, priority in self.priorities.items():
-                self.cluster.add(node, priority=priority, **self.settings)
+                signed = {"signing": self.signing[node]} if self.signing else {}
+                self.cluster.add(node, priority=priority, **self.settings, **signed)
                 self.connected_since[node] = time.monotonic()
         except BaseException:
             self.close()

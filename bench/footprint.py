@@ -53,10 +53,11 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
-def measure(ctx: Context, name: str, load: Load | None, **settings: Any) -> Result:
+def measure(ctx: Context, name: str, load: Load | None, *, signed: bool = False, **settings: Any) -> Result:
     window = 30.0 if ctx.full else 10.0
     slices = int(window // SLICE)
     title = "agent footprint, " + ("idle" if load is None else load.name) + ", Mosquitto"
+    title += ", signed control messages" if signed else ""
     result = Result(name, title, (
         f"Three agents (production timings, Home Assistant discovery on, log level INFO) on Mosquitto; "
         f"once the cluster is stable, every agent's CPU time is sampled every {SLICE:.0f} s for "
@@ -69,7 +70,7 @@ def measure(ctx: Context, name: str, load: Load | None, **settings: Any) -> Resu
     started = time.monotonic()
     broker.start()
     try:
-        with BenchCluster(workdir / "agents", broker.url, NODES, **settings) as bc:
+        with BenchCluster(workdir / "agents", broker.url, NODES, signed=signed, **settings) as bc:
             leader = bc.wait_stable(timeout=60, hold=3.0)
             roles = {node: "primary" if node == leader else "standby" for node in bc.agents}
             pids = {node: agent.pid for node, agent in bc.agents.items()}
@@ -103,6 +104,13 @@ def measure(ctx: Context, name: str, load: Load | None, **settings: Any) -> Resu
 @scenario("footprint", "agent footprint (RSS, CPU), idle, Mosquitto")
 def footprint_idle(ctx: Context) -> Result:
     return measure(ctx, "footprint", None)
+
+
+@scenario("footprint-signed", "agent footprint (RSS, CPU), idle, Mosquitto, signed control messages")
+def footprint_signed(ctx: Context) -> Result:
+    """The idle footprint with signing keys: every renewal (2/s on the primary), heartbeat (1/s per node)
+    signed by its sender and verified by every receiver."""
+    return measure(ctx, "footprint-signed", None, signed=True)
 
 
 def _sync_load(bc: BenchCluster) -> AbstractContextManager[None]:

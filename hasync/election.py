@@ -59,7 +59,8 @@ never by comparing the sender's wall clock (the ``sent_at`` fields are for human
 Fast paths
 ----------
 * **Release.** A graceful handover demotes first (the demote hook has run), then publishes a release
-  naming the successor, which claims at once. Other nodes still wait for silence.
+  naming the successor, which claims at once. Other nodes still wait for silence. It can be switched
+  off (``release_fast_path``): then every node waits for silence after a release.
 * **Last Will.** When the holder's connection drops, the broker publishes its will (a heartbeat with
   ``online: false``). If the will carries the same incarnation and connection number as the holder's
   newest record, the lease is vacant at once. This is safe because a leader demotes the moment it
@@ -74,6 +75,25 @@ start (this node has not seen a live renewal since it started), a better peer th
 (healthy, online, not in maintenance) counts in the rank too, and the node waits for the end of that
 peer's observation (at most one more lease): nodes that start together elect the best of them, rather
 than whichever claimed first and was preempted ``preempt_delay`` later.
+
+Without signed messages (``hasync.signing``) both fast paths can be forged: a will or a release that
+the primary does not happen to receive lets another node take over while the primary still acts, until
+its renew deadline. With signatures, only the node itself (or the broker, with the will that node
+signed) can open them.
+
+Flap damping
+------------
+A node that loses leadership by a fault (``FAULTS``: its deadline, its connection, its own will, a newer
+term it missed, a failing health check) must not take it back by preemption until its link has been
+stable for a while: otherwise a node on a flaky link loses the lease, looks eligible again a few seconds
+later, preempts, and loses it again. Each such loss adds one to a penalty that halves every
+``damping_half_life``; the node then holds its preemption back (its heartbeat says ``preempt: false``)
+until its link has been stable for ``damping_hold * 2 ** (penalty - 1)`` (at most ``damping_max``).
+Stable means: no disconnect, no claim of its own left unanswered, and its own heartbeats coming back no
+more than 1.5 heartbeat intervals apart; any of these restarts the count. After a second loss (penalty
+1.5 or more) the node is also the last to claim a vacant lease. A single loss (a broker restart, say)
+leaves its rank alone, so the old primary usually wins the next election itself. Damping only delays
+claims and preemptions: it cannot make two primaries.
 
 A node that was asked to step down (``StepDown``, not final) holds its preemption back until it is told
 to take it up again (``Resume``) or restarts: it may still be elected when the lease falls vacant, but

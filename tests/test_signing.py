@@ -176,3 +176,22 @@ def _module_keys() -> tuple[Signer, Keyring]:
 
 
 SIGNER, RING = _module_keys()
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    topic=st.sampled_from([T.lease, T.heartbeat("a"), T.heartbeat("b"), T.command("a"), T.command("b")]),
+    payload=st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda body, sig: body + b',"sig":"' + sig.encode() + b'"}', st.binary(max_size=200),
+                  st.from_regex(r"[A-Za-z0-9_-]{86}", fullmatch=True)),
+        st.builds(lambda sig: renew("a", 1, 1).to_payload()[:-1] + b',"sig":"' + sig.encode() + b'"}',
+                  st.text(max_size=100)),
+    ),
+)
+def test_whatever_arrives_the_router_with_keys_routes_or_drops_with_a_reason(topic: str, payload: bytes) -> None:
+    router = Router(T, "a", keyring=RING, wall=lambda: 1_800_000_000.0)
+    try:
+        router.route(Incoming(topic, payload, False))
+    except MessageError as exc:
+        assert isinstance(exc.reason, DropReason)
