@@ -205,3 +205,38 @@ def test_unauthenticated_other_forgeries_depose_the_primary_without_an_overlap(n
             assert c.promotions(after=t0) or c.agents["n1"].election.term != term, "not deposed: shows nothing"
 
     run(scenario)
+
+
+def test_replays_of_genuine_signed_records_are_stale(tmp_path: Path) -> None:
+    """Signing does not stop a replay of what a node really signed: the stream's rules do, as before. After
+    a handover and a reconnect, the old term's renewals and release and the old connection's will are
+    replayed as they were sent: nobody is deposed and nobody takes over."""
+    settings = keys(tmp_path)
+
+    async def scenario() -> None:
+        async with inprocess.cluster() as c:
+            await start(c, settings)
+            c.fake.inject(T.command("n1"), Command(command="step_down").to_payload())
+            assert await c.wait_for_leader(other_than="n1") == "n2"
+            c.fake.cut("n2", will=True)  # n2's will goes out; n2 reconnects on a new connection
+            assert await c.wait_for_leader(other_than="n2") in ("n1", "n3")
+            await asyncio.sleep(LEASE)
+            leader = c.leader()
+            assert leader is not None
+            term = c.agents[leader].election.term
+            signed = [p for p in c.fake.model.log
+                      if p.topic in (T.lease, *map(T.heartbeat, NODES)) and b'"sig":' in p.payload]
+            assert any(b'"release"' in p.payload for p in signed) and any(b'"online":false' in p.payload
+                                                                         for p in signed)
+            t0 = vclock.clock()
+            ignored = {n: metric(a, "hasync_lease_records_ignored_total") for n, a in c.agents.items()}
+            for p in signed:
+                c.fake.inject(p.topic, p.payload)
+            await asyncio.sleep(2 * LEASE)
+            assert c.leader() == leader and c.agents[leader].election.term == term
+            assert not c.promotions(after=t0)
+            assert all(metric(a, "hasync_messages_dropped_total", reason="bad_signature") == 0
+                       for a in c.agents.values())  # genuine: they verify, and are judged stale
+            assert all(metric(a, "hasync_lease_records_ignored_total") > ignored[n] for n, a in c.agents.items())
+
+    run(scenario)
