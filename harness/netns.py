@@ -9,11 +9,15 @@ random per LAN, so tests may build several at once.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import secrets
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -37,16 +41,23 @@ def run(*argv: str) -> str:
     return result.stdout
 
 
+LOCK = Path(tempfile.gettempdir()) / "hasync-netns.lock"  # subnets are chosen one LAN at a time
+
+
+def _subnets_in_use() -> set[int]:
+    return {int(m) for m in re.findall(r"\b10\.213\.(\d+)\.", run("ip", "-br", "addr"))}
+
+
 class Lan:
     def __init__(self, nodes: Sequence[str]) -> None:
         tag = secrets.token_hex(3)
-        third = int(tag[:2], 16)
         self.bridge = f"hsbr{tag}"
-        self.gateway = f"10.213.{third}.1"
         self.namespaces = {node: f"hasync-{tag}-{node}" for node in nodes}
-        self.addresses = {node: f"10.213.{third}.{10 + i}" for i, node in enumerate(nodes)}
+        self._nodes = list(nodes)
         self._veths = {node: f"hsv{tag}{i}" for i, node in enumerate(nodes)}
         self._made: list[tuple[str, str]] = []
+        self.gateway = ""
+        self.addresses: dict[str, str] = {}
 
     def prefix(self, node: str) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[node]]
@@ -56,9 +67,17 @@ class Lan:
 
     def __enter__(self) -> Self:
         try:
-            run("ip", "link", "add", self.bridge, "type", "bridge")
-            self._made.append(("link", self.bridge))
-            run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            with LOCK.open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another test's LAN may be choosing its subnet right now
+                free = sorted(set(range(1, 255)) - _subnets_in_use())
+                if not free:
+                    raise RuntimeError("no free 10.213.x.0/24 subnet for a test LAN")
+                third = secrets.choice(free)
+                self.gateway = f"10.213.{third}.1"
+                self.addresses = {node: f"10.213.{third}.{10 + i}" for i, node in enumerate(self._nodes)}
+                run("ip", "link", "add", self.bridge, "type", "bridge")
+                self._made.append(("link", self.bridge))
+                run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             run("ip", "link", "set", self.bridge, "up")
             for node, ns in self.namespaces.items():
                 run("ip", "netns", "add", ns)
