@@ -222,6 +222,7 @@ class Host:
     maintenance: bool = False
     send_clock: float = 0.0  # FIFO uplink: the broker gets this host's publishes in send order
     flaky: Flaky | None = None
+    heartbeats_sent: dict[float, float] = field(default_factory=dict)  # sent_at -> local send time
 
     def local(self, t: float) -> float:
         return self.offset + self.rate * t
@@ -457,7 +458,9 @@ class Sim:
         e = h.election
         assert e is not None
         if h.believes_connected:
-            self._publish_hb_from(h, heartbeats.build(e, h.local(self.now)), h.session)
+            # sent_at: the global send time, so that its echo's round trip can be told (flap damping)
+            h.heartbeats_sent[self.now] = h.local(self.now)
+            self._publish_hb_from(h, heartbeats.build(e, h.local(self.now), sent_at=self.now), h.session)
         self._schedule_heartbeat(h)
 
     # ---- the broker -------------------------------------------------------------------------------
@@ -503,7 +506,12 @@ class Sim:
                 assert h.router is not None
                 routed = h.router.route(message)  # the agent's own decoding: a MessageError fails the test
                 if isinstance(routed, ToElection):
-                    self._handle(h, routed.event)
+                    event = routed.event
+                    if isinstance(event, HeartbeatReceived) and event.heartbeat.node == h.node_id:
+                        sent = h.heartbeats_sent.pop(event.heartbeat.sent_at, None)
+                        if sent is not None:  # as the agent does: the echo's round trip
+                            event = HeartbeatReceived(event.heartbeat, echo_rtt=h.local(self.now) - sent)
+                    self._handle(h, event)
 
         self.at(t, arrive)
         if not message.retain and h.net.dup_p > 0 and self.rng.random() < h.net.dup_p:

@@ -47,6 +47,7 @@ from .election import (
     Event,
     Fault,
     HealthChanged,
+    HeartbeatReceived,
     Ignored,
     MaintenanceChanged,
     Promoted,
@@ -167,6 +168,7 @@ class Agent:
         self._http_routes: list[web.RouteDef] = []  # the memory backend's test API
         self._tasks: list[asyncio.Task[None]] = []
         self._sent: dict[tuple[str, int, int], float] = {}
+        self._heartbeats_sent: dict[float, float] = {}  # our heartbeats' sent_at -> local send time
         self._summary: tuple[Any, ...] = ()
         self._next_heartbeat = 0.0
         self._next_primary_state = 0.0 if ha.discovery else float("inf")
@@ -522,6 +524,10 @@ class Agent:
                                     "" if command.on is None else f" {'on' if command.on else 'off'}")
                     if isinstance(event, RecordReceived):
                         self._observe_echo(event.record)
+                    elif isinstance(event, HeartbeatReceived) and event.heartbeat.node == self.node_id:
+                        sent = self._heartbeats_sent.pop(event.heartbeat.sent_at, None)
+                        if sent is not None:
+                            event = HeartbeatReceived(event.heartbeat, echo_rtt=self.clock() - sent)
                     self._feed(event)
                 case ToSync(entity_id=entity_id, payload=payload, retained=retained):
                     if self.replica is not None:
@@ -614,6 +620,10 @@ class Agent:
             self.metrics.check_up.labels(name).set(1 if up else 0)
         self.metrics.healthy.set(1 if heartbeat.healthy else 0)
         topic = self.topics.heartbeat(self.node_id)
+        # When it was sent, by its wall-clock stamp: its echo's round trip tells flap damping how the link is.
+        self._heartbeats_sent[heartbeat.sent_at] = self.clock()
+        while len(self._heartbeats_sent) > 16:
+            del self._heartbeats_sent[next(iter(self._heartbeats_sent))]
         self.publisher.put(topic, self.seal(topic, heartbeat), retain=True)
 
     def _announce_to_home_assistant(self) -> None:

@@ -266,6 +266,7 @@ class ElectionConfig(_Model):
     damping_hold: Annotated[float, Field(ge=0, le=86400)] = _DEFAULT_TIMING.damping_hold
     damping_max: Annotated[float, Field(ge=0, le=86400)] = _DEFAULT_TIMING.damping_max
     damping_half_life: Annotated[float, Field(gt=0, le=86400)] = _DEFAULT_TIMING.damping_half_life
+    damping_max_rtt: Annotated[float, Field(gt=0, le=60)] = _DEFAULT_TIMING.damping_max_rtt
 
     @model_validator(mode="after")
     def _relations(self) -> ElectionConfig:

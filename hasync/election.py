@@ -89,8 +89,9 @@ stable for a while: otherwise a node on a flaky link loses the lease, looks elig
 later, preempts, and loses it again. Each such loss adds one to a penalty that halves every
 ``damping_half_life``; the node then holds its preemption back (its heartbeat says ``preempt: false``)
 until its link has been stable for ``damping_hold * 2 ** (penalty - 1)`` (at most ``damping_max``).
-Stable means: no disconnect, no claim of its own left unanswered, and its own heartbeats coming back no
-more than 1.5 heartbeat intervals apart; any of these restarts the count. After a second loss (penalty
+Stable means: no disconnect, no claim of its own left unanswered, and its own heartbeats coming back
+within ``damping_max_rtt`` of being sent (when the driver measures it: ``HeartbeatReceived.echo_rtt``)
+and no more than 1.5 heartbeat intervals apart; any of these restarts the count. After a second loss (penalty
 1.5 or more) the node is also the last to claim a vacant lease. A single loss (a broker restart, say)
 leaves its rank alone, so the old primary usually wins the next election itself. Damping only delays
 claims and preemptions: it cannot make two primaries.
@@ -154,6 +155,7 @@ class Timing:
     damping_hold: float = 30.0
     damping_max: float = 600.0
     damping_half_life: float = 300.0
+    damping_max_rtt: float = 0.25  # an own heartbeat slower than this to come back: the link is not stable
 
     def check(self) -> None:
         if not 0 < self.renew_interval < self.renew_deadline < self.lease_duration:
@@ -164,6 +166,8 @@ class Timing:
             raise ValueError("claim_stagger and preempt_delay must be >= 0")
         if not 0 <= self.damping_hold <= self.damping_max or self.damping_half_life <= 0:
             raise ValueError("need 0 <= damping_hold <= damping_max and damping_half_life > 0")
+        if self.damping_max_rtt <= 0:
+            raise ValueError("need damping_max_rtt > 0")
 
 
 # ---- events -------------------------------------------------------------------------------------
@@ -188,6 +192,8 @@ class RecordReceived:
 @dataclass(frozen=True)
 class HeartbeatReceived:
     heartbeat: Heartbeat
+    # For this node's own heartbeat coming back: how long it took, if the driver knows (flap damping).
+    echo_rtt: float | None = None
 
 
 @dataclass(frozen=True)
@@ -570,8 +576,8 @@ class Election:
                 self.role = Role.DISCONNECTED
             case RecordReceived(record=record, retained=retained):
                 self._on_record(record, retained, now, actions)
-            case HeartbeatReceived(heartbeat=hb):
-                self._on_heartbeat(hb, now, actions)
+            case HeartbeatReceived(heartbeat=hb, echo_rtt=rtt):
+                self._on_heartbeat(hb, rtt, now, actions)
             case HealthChanged(healthy=healthy, detail=detail):
                 was = self.healthy
                 self.healthy = healthy
@@ -654,12 +660,14 @@ class Election:
         elif rec.kind == "renew" and not retained and self.role is Role.OBSERVING:
             self.role = Role.FOLLOWER  # a live, valid renewal: there is a leader, observation done
 
-    def _on_heartbeat(self, hb: Heartbeat, now: float, actions: list[Action]) -> None:
+    def _on_heartbeat(self, hb: Heartbeat, rtt: float | None, now: float, actions: list[Action]) -> None:
         if hb.node == self.node_id:
             if hb.online and (hb.incarnation, hb.conn) == (self.incarnation, self.conn):
-                # Our own heartbeat came back: a gap well beyond the heartbeat interval is a link that
-                # stalls (lost packets, retransmissions), which flap damping must not call stable.
-                if self._last_echo is not None and now - self._last_echo > 1.5 * self.timing.heartbeat_interval:
+                # Our own heartbeat came back. A slow round trip, or a gap well beyond the heartbeat
+                # interval (lost packets, retransmissions), is a link flap damping must not call stable.
+                gap = now - self._last_echo if self._last_echo is not None else 0.0
+                slow = rtt is not None and rtt > self.timing.damping_max_rtt
+                if slow or gap > 1.5 * self.timing.heartbeat_interval:
                     self._unstable(now)
                 self._last_echo = now
             if not hb.online and (hb.incarnation, hb.conn) != (self.incarnation, self.conn):

@@ -734,3 +734,15 @@ def test_without_the_release_fast_path_a_release_waits_for_silence() -> None:
         assert published(feed(e, [release("x", 1, 4, successor=successor)], 5.5)) == []
         assert published(e.handle(Tick(), 8.49)) == []
         assert published(e.handle(Tick(), 8.5)) != []
+
+
+def test_slow_echoes_of_our_own_heartbeat_restart_the_hold() -> None:
+    e = leader(timing=DAMP)
+    lost = lost_by_deadline(e)
+    for t in range(1, 20):
+        echo(e, lost + t)
+    slow = heartbeat(e.node_id, incarnation=e.incarnation, conn=e.conn)
+    e.handle(HeartbeatReceived(slow, echo_rtt=0.3), lost + 20)  # on time, but 300 ms to come back
+    assert e.damped_until(lost + 20) == pytest.approx(lost + 50)
+    e.handle(HeartbeatReceived(slow, echo_rtt=0.2), lost + 21)  # 200 ms: within damping_max_rtt
+    assert e.damped_until(lost + 21) == pytest.approx(lost + 50)
