@@ -14,8 +14,8 @@ from typing import Any, Literal, NoReturn
 import click
 
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+from . import signing
 from .logs import setup_logging
-from .signing import Keyring, Signer
 from .topics import Topics
 from .transport import MqttFailure
 
@@ -152,12 +152,10 @@ def status(
         console.print(f"no nodes seen on {cfg.broker.redacted_url()} under {topics.base}/")
 
 
-def _keys(cfg: AgentConfig) -> tuple[Signer | None, Keyring | None]:
+def _keys(cfg: AgentConfig) -> tuple[signing.Signer | None, signing.Keyring | None]:
     """This node's signer and the cluster's keyring when the configuration has keys (one line if unusable)."""
     if cfg.signing is None:
         return None, None
-    from . import signing
-
     try:
         return signing.load(cfg.node_id, cfg.signing.private_key, cfg.signing.public_keys,
                             required=cfg.signing.required)
@@ -237,8 +235,6 @@ def keygen(path: Path, show: bool) -> None:
 
     Put the printed line under signing.public_keys in the configuration of every node of the cluster,
     and PATH as this node's signing.private_key."""
-    from . import signing
-
     try:
         key = signing.load_private_key(path) if show else signing.generate(path)
     except signing.SigningError as exc:
