@@ -13,8 +13,8 @@ from typing import Any, Literal, NoReturn
 
 import click
 
-from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 from . import signing
+from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 from .logs import setup_logging
 from .topics import Topics
 from .transport import MqttFailure
