@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import signal
@@ -242,6 +243,12 @@ def keygen(path: Path, show: bool) -> None:
     click.echo(signing.public_key_text(key.public_key()))
 
 
+def _require_broker() -> None:
+    """The embedded broker is an extra: ``pip install 'hasync[broker]'`` (the agent itself never needs it)."""
+    if importlib.util.find_spec("amqtt") is None:
+        _fail("the embedded broker is not installed: pip install 'hasync[broker]' (or use Mosquitto)")
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=1883, show_default=True)
@@ -249,6 +256,7 @@ def keygen(path: Path, show: bool) -> None:
 def broker(host: str, port: int, log_level: str) -> None:
     """Run the embedded amqtt broker (development, tests, demos; use Mosquitto in production)."""
     setup_logging("text", log_level)
+    _require_broker()
     from .broker import EmbeddedBrokerError, serve
 
     async def run() -> None:
@@ -270,6 +278,7 @@ def broker(host: str, port: int, log_level: str) -> None:
 @click.option("--nodes", type=click.IntRange(2, 5), default=3, show_default=True)
 def demo(duration: float | None, nodes: int) -> None:
     """Embedded broker + agents: watch an election, a crash failover and a graceful handover."""
+    _require_broker()
     from .demo import run_demo
 
     sys.exit(asyncio.run(run_demo(nodes=nodes, duration=duration)))

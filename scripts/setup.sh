@@ -2,11 +2,13 @@
 # Installs everything hasync's demo and tests need on a fresh Debian machine: Mosquitto from
 # Debian's packages, a project virtual environment in .venv and, for the tests against a real Home
 # Assistant, Home Assistant Core in its own environment in .cache/ha-venv (skip it with HASYNC_NO_HA=1).
-# Idempotent: a second run only checks.
+# HASYNC_SETUP=demo installs only what the demo needs: the project with its embedded broker, no
+# Mosquitto, no test tools, no Home Assistant. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode="${HASYNC_SETUP:-test}"
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+if [ "$mode" != "demo" ] && ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   if [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
@@ -20,13 +22,18 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-stamp=.venv/.hasync-installed
+if [ "$mode" = "demo" ]; then
+  extras="broker"
+  stamp=.venv/.hasync-installed-demo
+else
+  extras="test"
+  stamp=.venv/.hasync-installed
+fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
   touch "$stamp"
 fi
 
-if [ "${HASYNC_NO_HA:-0}" != "1" ]; then
+if [ "$mode" != "demo" ] && [ "${HASYNC_NO_HA:-0}" != "1" ]; then
   ./scripts/setup-ha.sh
 fi

@@ -117,3 +117,16 @@ def test_an_agent_whose_key_does_not_match_its_listed_public_key_says_so_in_one_
     for args in (["status", "--wait", "0.1"], ["step-down", "--node", "a"]):
         refused = CliRunner().invoke(cli.main, [*args, "--config", str(config)])
         assert refused.exit_code == 1 and "signing: the private key" in refused.output
+
+
+def test_without_the_broker_extra_the_demo_and_broker_commands_say_how_to_get_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "amqtt" else real(name, *a))
+    for args in (["broker", "--port", "0"], ["demo", "--duration", "1"]):
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 1
+        assert result.output.strip() == ("hasync: the embedded broker is not installed: pip install 'hasync[broker]' "
+                                         "(or use Mosquitto)")
