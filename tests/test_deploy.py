@@ -1,0 +1,39 @@
+"""How hasync is installed: the systemd unit (deploy/systemd/hasync.service)."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hasync.agent import FINAL_PUBLISH_TIMEOUT
+from hasync.config import HooksConfig
+
+UNIT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "hasync.service"
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # The unit names the documented install path; verify checks that ExecStart exists, so point it at ours.
+    hasync = Path(sys.executable).parent / "hasync"
+    unit = tmp_path / "hasync.service"
+    unit.write_text(UNIT.read_text().replace("/opt/hasync/bin/hasync", str(hasync)))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_the_units_stop_timeout_covers_a_graceful_handover() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(UNIT.read_text())
+    service = unit["Service"]
+    assert service["KillSignal"] == "SIGTERM" and service["Restart"] == "on-failure"
+    assert "network-online.target" in unit["Unit"]["After"]
+    # What the agent allows itself on SIGTERM: the demote hook and the automations, then its last word.
+    handover = HooksConfig().timeout + 11 + FINAL_PUBLISH_TIMEOUT
+    assert float(service["TimeoutStopSec"]) > handover
