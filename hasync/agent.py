@@ -298,7 +298,7 @@ class Agent:
             ha.url, ha.token, on_change=self._on_ha_health, probe_topic=self.topics.ha_probe(self.node_id),
             on_states=watch.on_states if watch else None,
             on_state_changed=watch.on_state_changed if watch else None,
-            open_websocket=self._open_websocket))
+            open_websocket=self._open_websocket, websocket_url=ha.websocket_url))
         if watch is not None:
             watch.link = self._ha
         if ha.managed_automations:

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,19 @@ def _load(config: Path | None, overrides: dict[tuple[str, ...], Any]) -> AgentCo
     except ConfigError as exc:
         click.echo(f"hasync: {exc}", err=True)
         sys.exit(2)
+
+
+def _load_addon() -> AgentConfig:
+    from . import supervisor
+
+    try:
+        options = supervisor.read_options(Path(os.environ.get("HASYNC_ADDON_OPTIONS", supervisor.OPTIONS)))
+        hooks = Path(os.environ.get("HASYNC_ADDON_HOOKS", supervisor.HOOK_DIR))
+        return asyncio.run(supervisor.configure(options, os.environ, hook_dir=hooks))
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except supervisor.SupervisorError as exc:
+        _fail(str(exc))
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -68,17 +82,23 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="[HASYNC_LOG_FORMAT]")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), help="[HASYNC_LOG_LEVEL]")
 @click.option("--events-file", type=click.Path(path_type=Path), help="Append role changes as JSON lines.")
+@click.option("--addon", is_flag=True,
+              help="Run as a Home Assistant add-on: options from /data/options.json, HA and the broker from the "
+                   "Supervisor (other options are ignored).")
 def agent(
     config: Path | None, broker: str | None, cluster: str | None, topic_prefix: str | None,
     node_id: str | None, priority: int | None, http_port: int | None, log_format: str | None,
-    log_level: str | None, events_file: Path | None,
+    log_level: str | None, events_file: Path | None, addon: bool,
 ) -> None:
     """Run the agent on this node."""
-    cfg = _load(config, {
-        ("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix,
-        ("node_id",): node_id, ("priority",): priority, ("http", "port"): http_port,
-        ("log", "format"): log_format, ("log", "level"): log_level, ("events_file",): events_file,
-    })
+    if addon:
+        cfg = _load_addon()
+    else:
+        cfg = _load(config, {
+            ("broker", "url"): broker, ("cluster",): cluster, ("topic_prefix",): topic_prefix,
+            ("node_id",): node_id, ("priority",): priority, ("http", "port"): http_port,
+            ("log", "format"): log_format, ("log", "level"): log_level, ("events_file",): events_file,
+        })
     setup_logging(cfg.log.format, cfg.log.level)
     from .agent import Agent, AgentError
 

@@ -298,6 +298,9 @@ class HomeAssistantConfig(_Model):
     discovery_prefix: str = "homeassistant"
     url: str | None = None
     token: str | None = None
+    # Where HA's WebSocket API is, when not at {url}/api/websocket: under the Supervisor (an add-on) it is
+    # http://supervisor/core/websocket.
+    websocket_url: str | None = None
     managed_automations: bool = False
     run_everywhere: list[str] = Field(default_factory=list)
 
@@ -315,6 +318,16 @@ class HomeAssistantConfig(_Model):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not an http:// or https:// URL of Home Assistant")
         return value.rstrip("/")
+
+    @field_validator("websocket_url")
+    @classmethod
+    def _websocket_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s):// or ws(s):// URL of Home Assistant's WebSocket API")
+        return value
 
     @field_validator("run_everywhere")
     @classmethod
