@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -173,11 +174,14 @@ class ClusterView:
                                  f"(nodes seen: {seen})")
 
 
-async def watch(broker: BrokerConfig, topics: Topics, view: ClusterView, stop: asyncio.Event) -> None:
-    """Keep ``view`` up to date until ``stop`` is set."""
+async def watch(broker: BrokerConfig, topics: Topics, view: ClusterView, stop: asyncio.Event,
+                subscribed: Callable[[], object] | None = None) -> None:
+    """Keep ``view`` up to date until ``stop`` is set; ``subscribed`` is called once it is listening."""
     client_id = f"hasync-observer-{secrets.token_hex(4)}"
     async with connect(broker, client_id) as session:
         await session.subscribe(topics.lease, topics.leader, topics.all_heartbeats)
+        if subscribed is not None:
+            subscribed()
 
         async def consume() -> None:
             async for message in session.messages():
@@ -194,12 +198,12 @@ async def watch(broker: BrokerConfig, topics: Topics, view: ClusterView, stop: a
 
 async def snapshot(broker: BrokerConfig, topics: Topics, wait: float,
                    keyring: Keyring | None = None) -> ClusterView:
-    """Collect retained state (and what arrives meanwhile) for ``wait`` seconds."""
+    """Collect retained state (and what arrives meanwhile) for ``wait`` seconds from the subscription on (a
+    slow connect must not eat the window: every node's heartbeat should be in it)."""
     view = ClusterView(topics, keyring=keyring)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.call_later(wait, stop.set)
-    await watch(broker, topics, view, stop)
+    await watch(broker, topics, view, stop, subscribed=lambda: loop.call_later(wait, stop.set))
     return view
 
 
