@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,20 @@ def three(cluster: Cluster, **settings: object) -> str:
     wait_until(lambda: all(a.status().get("role") in ("standby", "primary") for a in cluster.agents.values()),
                10, "every agent to finish observing")
     return leader
+
+
+def settled(cluster: Cluster, hold: float, timeout: float) -> str:
+    """The primary, once the same one has been primary for ``hold`` seconds (no preemption pending)."""
+    seen: dict[str, Any] = {"leader": None, "since": time.monotonic()}
+
+    def stable() -> str | None:
+        leader, now = cluster.current_leader(), time.monotonic()
+        if leader != seen["leader"]:
+            seen.update(leader=leader, since=now)
+        return leader if leader is not None and now - seen["since"] >= hold else None
+
+    result: str = wait_until(stable, timeout, f"one primary for {hold:.1f} s")
+    return result
 
 
 def test_one_leader_then_kill9_failover(cluster: Cluster) -> None:
@@ -226,11 +241,11 @@ def test_crashed_mosquitto_restoring_an_old_lease_does_not_lower_terms(
         cluster.wait_for_leader(timeout=15, after=time.monotonic())
         # One primary again: the old one if it won the election after the restart; if another node did,
         # flap damping keeps the old one from preempting for election.damping_hold (its connection
-        # dropped), so this waits for any one primary, not for the old one.
-        wait_until(cluster.current_leader, 15, "the cluster to settle again")
+        # dropped), and the best of the others may still preempt: wait for a primary that stays.
+        settled(cluster, FAST_ELECTION["preempt_delay"] + LEASE, 20)
         # Two handovers move the cluster two terms past what the broker saved.
         for _ in range(2):
-            current = wait_until(cluster.current_leader, 10, "an acting primary")
+            current = settled(cluster, FAST_ELECTION["preempt_delay"] + LEASE, 20)
             t0 = time.monotonic()
             subprocess.run([sys.executable, "-m", "hasync", "step-down", "--broker", cluster.broker_url,
                             "--cluster", "test", "--topic-prefix", cluster.prefix, "--node", current],
