@@ -293,6 +293,13 @@ class ElectionConfig(_Model):
         return Timing(**self.model_dump())
 
 
+def _web_url(value: str, schemes: tuple[str, ...], what: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"{value!r} is not an {' or '.join(f'{s}://' for s in schemes)} URL of {what}")
+    return value
+
+
 class HomeAssistantConfig(_Model):
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
@@ -312,22 +319,13 @@ class HomeAssistantConfig(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http:// or https:// URL of Home Assistant")
-        return value.rstrip("/")
+        return None if value is None else _web_url(value, ("http", "https"), "Home Assistant").rstrip("/")
 
     @field_validator("websocket_url")
     @classmethod
     def _websocket_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http(s):// or ws(s):// URL of Home Assistant's WebSocket API")
-        return value
+        return None if value is None else _web_url(value, ("http", "https", "ws", "wss"),
+                                                   "Home Assistant's WebSocket API")
 
     @field_validator("run_everywhere")
     @classmethod

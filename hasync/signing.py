@@ -151,8 +151,8 @@ def load(node_id: str, private_key: Path, public_keys: Mapping[str, str], *,
     """This node's signer and the cluster's keyring, checked against each other (``SigningError``)."""
     signer = Signer(node_id, load_private_key(private_key))
     keyring = Keyring.from_texts(public_keys, required=required)
-    listed = public_keys.get(node_id)
-    if listed is None or parse_public_key(listed) != signer.key.public_key():
+    listed = keyring.keys.get(node_id)
+    if listed is None or listed != signer.key.public_key():
         raise SigningError(f"the private key {private_key} does not match public_keys.{node_id} "
                            f"(its public key is {signer.public_key})")
     return signer, keyring

@@ -220,9 +220,8 @@ async def send_command(broker: BrokerConfig, topics: Topics, node: str, command:
         await session.publish(topic, payload, retain=False)
 
 
-async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, successor: str | None,
-                         signer: Signer | None = None) -> None:
-    await send_command(broker, topics, node, Command(command="step_down", successor=successor), signer)
+async def send_step_down(broker: BrokerConfig, topics: Topics, node: str, successor: str | None) -> None:
+    await send_command(broker, topics, node, Command(command="step_down", successor=successor))
 
 
 async def checked_command(

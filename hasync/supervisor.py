@@ -21,13 +21,12 @@ from typing import Any
 
 import aiohttp
 
-from .config import AgentConfig, ConfigError, load_config
+from .config import AgentConfig, ConfigError, HookEvent, load_config
 
 SUPERVISOR_URL = "http://supervisor"
 OPTIONS = Path("/data/options.json")
 HOOK_DIR = Path("/config/hooks")
 EVENTS_FILE = "/data/events.jsonl"
-HOOK_EVENTS = ("promote", "demote", "fault")
 SERVICE_TIMEOUT = 10.0  # seconds for the Supervisor to answer
 # Set by the Supervisor, not by the user: an option naming them is a mistake worth one clear line.
 _FROM_SUPERVISOR = {"url": "homeassistant.url", "token": "homeassistant.token",
@@ -53,12 +52,12 @@ def options_tree(options: Mapping[str, Any], token: str, *, supervisor: str = SU
         raise SupervisorError(f"hooks are files in the add-on's configuration folder ({hook_dir}/promote, "
                               "demote, fault), not options")
     hooks = {}
-    for event in HOOK_EVENTS:
-        path = hook_dir / event
+    for event in HookEvent:
+        path = hook_dir / event.value
         if path.exists():
             if not os.access(path, os.X_OK):
                 raise SupervisorError(f"the hook {path} is not executable (chmod +x)")
-            hooks[event] = str(path)
+            hooks[event.value] = str(path)
     if hooks:
         tree["hooks"] = hooks
     tree.setdefault("events_file", EVENTS_FILE)
