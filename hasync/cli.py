@@ -119,6 +119,32 @@ def agent(
 
 
 @main.command()
+@click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+              help=f"YAML config file [default: {DEFAULT_CONFIG_PATH} if it exists].")
+@click.option("--http-port", type=int, help="The agent's HTTP port [HASYNC_HTTP_PORT].")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for an answer.")
+def healthcheck(config: Path | None, http_port: int | None, timeout: float) -> None:
+    """Ask this node's agent for /healthz: exit 0 when healthy (a container's HEALTHCHECK)."""
+    import urllib.error
+    import urllib.request
+
+    cfg = _load(config, {("http", "port"): http_port})
+    if not cfg.http.enabled or cfg.http.port == 0:
+        _fail("the agent's HTTP endpoints are off or on a random port (http.port 0): nothing to ask")
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::", "") else cfg.http.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.http.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        _fail(f"unhealthy: {url} answered {exc.code}")
+    except (OSError, ValueError) as exc:
+        _fail(f"no answer from {url}: {getattr(exc, 'reason', exc)}")
+    click.echo(f"healthy: {body.get('node', cfg.node_id)} is {body.get('role', 'up')}"
+               if isinstance(body, dict) else "healthy")
+
+
+@main.command()
 @common
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--wait", type=float, default=1.5, show_default=True, help="Seconds to collect state.")
@@ -141,13 +167,8 @@ def status(
     if as_json:
         click.echo(json.dumps(view.to_json(now), indent=2))
         return
-    # Only the CLI's tables need rich: imported here so that the agent process never loads it.
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"hasync cluster {cfg.cluster!r}")
-    for column in ("node", "role", "term", "priority", "health", "heartbeat age", "sync"):
-        table.add_column(column)
+    columns = ("node", "role", "term", "priority", "health", "heartbeat age", "sync")
+    rows: list[tuple[list[str], str | None]] = []
     for row in view.rows(now):
         failing = [name for name, up in row["checks"].items() if not up]
         health = "ok" if row["healthy"] else ("failing: " + ", ".join(failing) if failing else "not healthy")
@@ -155,22 +176,21 @@ def status(
             health += " (maintenance)"
         age = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_wall_age_s']}s"
         alarm = row["role"] in ("offline", "fault", "unknown")
-        style = "bold green" if row["role"] == "primary" else ("red" if alarm else "")
-        table.add_row(row["node"], row["role"], str(row["term"]), str(row["priority"]), health, age,
-                      _sync_cell(row["sync"]), style=style)
-    console = Console()
-    console.print(table)
+        colour = "green" if row["role"] == "primary" else ("red" if alarm else None)
+        rows.append(([row["node"], row["role"], str(row["term"]), str(row["priority"]), health, age,
+                      _sync_cell(row["sync"])], colour))
+    _print_table(f"hasync cluster {cfg.cluster!r}", columns, rows)
     primaries = view.primaries(now)
-    console.print(f"primary: {', '.join(primaries) if primaries else 'none'}")
+    click.echo(f"primary: {', '.join(primaries) if primaries else 'none'}")
     if view.authenticated:
-        console.print(f"signed: every node's messages verified against the configured keys ({view.rejected} rejected)")
+        click.echo(f"signed: every node's messages verified against the configured keys ({view.rejected} rejected)")
     else:
-        console.print("[yellow]unauthenticated[/]: " + (
+        click.echo(click.style("unauthenticated", fg="yellow") + ": " + (
             "no signing keys in this configuration" if keyring is None else
             "not every node signs its messages" if keyring.required else "signing.required is off"
         ) + f"; any client that may write {topics.base}/# can speak for any node (README: Signed messages)")
     if not view.nodes:
-        console.print(f"no nodes seen on {cfg.broker.redacted_url()} under {topics.base}/")
+        click.echo(f"no nodes seen on {cfg.broker.redacted_url()} under {topics.base}/")
 
 
 def _keys(cfg: AgentConfig) -> tuple[signing.Signer | None, signing.Keyring | None]:
@@ -264,8 +284,9 @@ def keygen(path: Path, show: bool) -> None:
 
 
 def _require_broker() -> None:
-    """The embedded broker is an extra: ``pip install 'hasync[broker]'`` (the agent itself never needs it)."""
-    if importlib.util.find_spec("amqtt") is None:
+    """The embedded broker (and the demo's live table) is an extra: ``pip install 'hasync[broker]'``; the agent
+    itself never needs it."""
+    if importlib.util.find_spec("amqtt") is None or importlib.util.find_spec("rich") is None:
         _fail("the embedded broker is not installed: pip install 'hasync[broker]' (or use Mosquitto)")
 
 
@@ -304,8 +325,18 @@ def demo(duration: float | None, nodes: int) -> None:
     sys.exit(asyncio.run(run_demo(nodes=nodes, duration=duration)))
 
 
-if __name__ == "__main__":
-    main()
+def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[list[str], str | None]]) -> None:
+    """A plain aligned table; a row's colour shows on a terminal only (click drops it in a pipe)."""
+    widths = [max([len(c)] + [len(cells[i]) for cells, _ in rows]) for i, c in enumerate(columns)]
+
+    def line(cells: list[str] | tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    click.echo(title)
+    click.echo(click.style(line(columns), bold=True))
+    click.echo("  ".join("-" * width for width in widths))
+    for cells, colour in rows:
+        click.echo(click.style(line(cells), fg=colour, bold=colour == "green"))
 
 
 def _sync_cell(sync: dict[str, Any] | None) -> str:
@@ -319,3 +350,7 @@ def _sync_cell(sync: dict[str, Any] | None) -> str:
     if sync.get("lag_ms") is not None:
         text += f", lag {sync['lag_ms']} ms"
     return text
+
+
+if __name__ == "__main__":
+    main()

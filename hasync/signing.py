@@ -30,22 +30,25 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .messages import DropReason, Message
-
-if TYPE_CHECKING:  # cryptography is imported only by a node that has keys
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 DOMAIN = b"hasync-sig-1\n"
 SIG_CHARS = 86  # unpadded base64url of 64 bytes
 _PREFIX = b',"sig":"'
 _SUFFIX_LEN = len(_PREFIX) + SIG_CHARS + len(b'"}')
 COMMAND_WINDOW = 60.0  # seconds either side of the receiver's wall clock
+# An Ed25519 private key in PKCS#8 (RFC 8410) is this DER prefix and the 32-byte seed; the version-2 form
+# (OneAsymmetricKey) adds the public key after it.
+_PKCS8_V1 = bytes.fromhex("302e020100300506032b657004220420")
+_PKCS8_V2 = bytes.fromhex("3053020101300506032b657004220420")
+_PKCS8_V2_PUBLIC = bytes.fromhex("812100")
+_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END \1-----")
 
 
 class SigningError(ValueError):
@@ -60,33 +63,74 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def public_key_text(key: Ed25519PublicKey) -> str:
+class PublicKey:
+    """An Ed25519 public key (PyNaCl, imported only by a node that has keys: libsodium is small)."""
+
+    def __init__(self, raw: bytes) -> None:
+        from nacl.signing import VerifyKey
+
+        if len(raw) != 32:
+            raise SigningError(f"an Ed25519 public key has 32 bytes, this one {len(raw)}")
+        self.raw = raw
+        self._key = VerifyKey(raw)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PublicKey) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        from nacl.exceptions import BadSignatureError
+
+        try:
+            self._key.verify(data, signature)
+        except (BadSignatureError, ValueError, TypeError):
+            return False
+        return True
+
+
+class PrivateKey:
+    """An Ed25519 private key: its 32-byte seed."""
+
+    def __init__(self, seed: bytes) -> None:
+        from nacl.signing import SigningKey
+
+        self._key = SigningKey(seed)
+        self._public = PublicKey(bytes(self._key.verify_key))
+
+    @classmethod
+    def generate(cls) -> PrivateKey:
+        return cls(os.urandom(32))
+
+    def public_key(self) -> PublicKey:
+        return self._public
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data).signature
+
+    def pem(self) -> bytes:
+        """PKCS#8 PEM, as ``openssl genpkey -algorithm ed25519`` writes it."""
+        der = base64.b64encode(_PKCS8_V1 + bytes(self._key)).decode()
+        return f"-----BEGIN PRIVATE KEY-----\n{der}\n-----END PRIVATE KEY-----\n".encode()
+
+
+def public_key_text(key: PublicKey) -> str:
     """A public key as it is written in the configuration: the 32 raw bytes, unpadded base64url."""
-    from cryptography.hazmat.primitives import serialization
-
-    return _b64(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    return _b64(key.raw)
 
 
-def parse_public_key(text: str) -> Ed25519PublicKey:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+def parse_public_key(text: str) -> PublicKey:
     try:
         raw = _unb64(text.strip())
     except (binascii.Error, ValueError) as exc:
         raise SigningError(f"not base64: {exc}") from None
-    if len(raw) != 32:
-        raise SigningError(f"an Ed25519 public key has 32 bytes, this one {len(raw)}")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return PublicKey(raw)
 
 
-def generate(path: Path) -> Ed25519PrivateKey:
+def generate(path: Path) -> PrivateKey:
     """Write a new private key to ``path`` (PEM, PKCS#8, mode 0600; never overwrites)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    key = PrivateKey.generate()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -94,26 +138,32 @@ def generate(path: Path) -> Ed25519PrivateKey:
     except OSError as exc:
         raise SigningError(f"cannot create {path}: {exc.strerror}") from None
     with os.fdopen(fd, "wb") as out:
-        out.write(pem)
+        out.write(key.pem())
     return key
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def load_private_key(path: Path) -> PrivateKey:
     """A private key from a PEM file (``hasync keygen``, or ``openssl genpkey -algorithm ed25519``)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise SigningError(f"cannot read the private key {path}: {exc.strerror}") from None
+    found = _PEM.search(data)
+    if found is None or found.group(1) not in (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY"):
+        kind = f" (it holds a {found.group(1).decode().lower()})" if found else ""
+        raise SigningError(f"{path} is not an unencrypted PEM private key{kind}")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+        der = base64.b64decode(b"".join(found.group(2).split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
         raise SigningError(f"{path} is not an unencrypted PEM private key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningError(f"{path} holds a {type(key).__name__.lstrip('_')}, not an Ed25519 key")
-    return key
+    if len(der) == 48 and der.startswith(_PKCS8_V1):
+        return PrivateKey(der[16:])
+    if len(der) == 83 and der.startswith(_PKCS8_V2) and der[48:51] == _PKCS8_V2_PUBLIC:
+        key = PrivateKey(der[16:48])
+        if key.public_key().raw != der[51:]:
+            raise SigningError(f"{path}: the public key in the file does not belong to its private key")
+        return key
+    raise SigningError(f"{path} holds a private key, not an Ed25519 key (hasync keygen makes one)")
 
 
 def signed_bytes(topic: str, body: bytes) -> bytes:
@@ -123,7 +173,7 @@ def signed_bytes(topic: str, body: bytes) -> bytes:
 class Signer:
     """Signs this node's messages."""
 
-    def __init__(self, node_id: str, key: Ed25519PrivateKey) -> None:
+    def __init__(self, node_id: str, key: PrivateKey) -> None:
         self.node_id = node_id
         self.key = key
 
@@ -163,7 +213,7 @@ class Keyring:
     """The cluster's public keys, by node id. ``required``: unsigned messages are dropped (otherwise they
     are accepted, and signed ones still verified: for a rolling change to signing)."""
 
-    keys: Mapping[str, Ed25519PublicKey]
+    keys: Mapping[str, PublicKey]
     required: bool = True
 
     @classmethod
@@ -190,13 +240,11 @@ class Keyring:
         if len(sig) != SIG_CHARS or not payload.endswith(suffix):
             return DropReason.BAD_SIGNATURE
         body = payload[:-_SUFFIX_LEN] + b"}"
-        from cryptography.exceptions import InvalidSignature
-
         try:
-            key.verify(_unb64(sig), signed_bytes(topic, body))
-        except (InvalidSignature, binascii.Error, ValueError):
+            raw = _unb64(sig)
+        except (binascii.Error, ValueError):
             return DropReason.BAD_SIGNATURE
-        return None
+        return None if key.verify(raw, signed_bytes(topic, body)) else DropReason.BAD_SIGNATURE
 
 
 class SeenSignatures:

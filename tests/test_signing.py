@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,15 +92,29 @@ def test_keys_are_created_private_never_overwritten_and_checked_on_load(tmp_path
         Keyring.from_texts({"b": "AAAA"})
 
 
-def test_an_rsa_key_is_refused_by_name(tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+def test_openssl_keys_ed25519_loads_and_others_are_refused_by_name(tmp_path: Path) -> None:
+    def openssl(*args: str) -> Path:
+        path = tmp_path / f"{args[-1]}.key"
+        subprocess.run(["openssl", "genpkey", *args, "-out", str(path)], check=True, capture_output=True)
+        return path
 
-    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    (tmp_path / "rsa.key").write_bytes(pem)
+    ed = openssl("-algorithm", "ed25519")
+    public = subprocess.run(["openssl", "pkey", "-in", str(ed), "-pubout", "-outform", "DER"], check=True,
+                            capture_output=True).stdout
+    assert signing.load_private_key(ed).public_key().raw == public[-32:]  # the same key as OpenSSL's
+    ours = signing.generate(tmp_path / "ours.key")  # and OpenSSL reads ours
+    public = subprocess.run(["openssl", "pkey", "-in", str(tmp_path / "ours.key"), "-pubout", "-outform", "DER"],
+                            check=True, capture_output=True).stdout
+    assert ours.public_key().raw == public[-32:]
     with pytest.raises(SigningError, match="not an Ed25519 key"):
-        signing.load_private_key(tmp_path / "rsa.key")
+        signing.load_private_key(openssl("-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"))
+    with pytest.raises(SigningError, match="not an Ed25519 key"):
+        signing.load_private_key(openssl("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"))
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(ed), "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
+                   check=True, capture_output=True)
+    with pytest.raises(SigningError, match="not an unencrypted PEM private key"):
+        signing.load_private_key(encrypted)
 
 
 # ---- the router -----------------------------------------------------------------------------------
@@ -169,9 +184,7 @@ def test_without_a_keyring_signatures_are_neither_needed_nor_checked(keys: tuple
 
 
 def _module_keys() -> tuple[Signer, Keyring]:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    signer = Signer("a", Ed25519PrivateKey.generate())
+    signer = Signer("a", signing.PrivateKey.generate())
     return signer, Keyring.from_texts({"a": signer.public_key})
 
 
