@@ -57,6 +57,24 @@ def topic_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+# ---- the container image (harness/containers.py) ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def hasync_image() -> str:
+    """hasync's image, built by scripts/build-image.sh (which sets up docker.io and a local base; as root)."""
+    from harness.containers import DockerError, build
+
+    if os.geteuid() != 0 and not Path("/usr/bin/docker").exists():
+        if "CI" in os.environ:
+            pytest.fail("the container tests need docker.io (scripts/setup-docker.sh, as root) and CI is set")
+        pytest.skip("the container tests need docker.io and a dockerd: run scripts/setup-docker.sh as root")
+    try:
+        return build("build-image.sh")
+    except DockerError as exc:
+        pytest.fail(str(exc))
+
+
 # ---- a real Home Assistant (harness/ha.py) ----------------------------------------------------------
 
 
