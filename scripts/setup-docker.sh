@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The container tooling the image and add-on tests need, on a Debian machine as root: Debian's docker.io
-# (its /usr/bin/docker has BuildKit; another docker CLI earlier on PATH may not), a dockerd started here
-# when none answers, and a local Debian base image (debootstrap --variant=minbase from this machine's own
-# Debian mirror, trimmed like debian:bookworm-slim, then docker import) for machines that cannot reach
-# Docker Hub. Idempotent: a second run only checks. Prints the base image's name on its last line.
+# The container tooling the image, compose and add-on tests need, on a Debian machine as root: Debian's
+# docker.io and docker-compose (its /usr/bin/docker has BuildKit; another docker CLI earlier on PATH may
+# not), a dockerd started here when none answers, and a local Debian base image (debootstrap
+# --variant=minbase from this machine's own Debian mirror, trimmed like debian:bookworm-slim, then docker
+# import) for machines that cannot reach Docker Hub. Idempotent: a second run only checks. Prints the base
+# image's name on its last line.
 #
 #   HASYNC_BASE_IMAGE   the local base's name (default hasync-base:bookworm)
 #   HASYNC_DOCKERD_LOG  dockerd's log when started here (default .cache/dockerd.log)
@@ -13,13 +14,13 @@ docker=/usr/bin/docker
 base="${HASYNC_BASE_IMAGE:-hasync-base:bookworm}"
 log="${HASYNC_DOCKERD_LOG:-$PWD/.cache/dockerd.log}"
 
-if [ ! -x "$docker" ] || [ ! -x /usr/sbin/dockerd ] || ! command -v debootstrap >/dev/null 2>&1; then
+if [ ! -x "$docker" ] || [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/bin/docker-compose ] || ! command -v debootstrap >/dev/null 2>&1; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "setup-docker: needs root to install docker.io and debootstrap (sudo apt-get install docker.io debootstrap)" >&2
+    echo "setup-docker: needs root to install docker.io, docker-compose and debootstrap (sudo apt-get install docker.io docker-compose debootstrap)" >&2
     exit 1
   fi
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null
 fi
 
 if ! "$docker" info >/dev/null 2>&1; then

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import yaml
 
 from harness.agents import FAST_ELECTION
 from harness.brokers import MosquittoProcess
-from harness.containers import Container, image_size_mb
+from harness.containers import Container, docker, image_size_mb
 from harness.wait import free_port, wait_until
 from hasync.audit import decreasing_terms, overlaps, read_events, tenures, terms_with_two_winners
 
@@ -56,8 +58,6 @@ def test_the_image_is_small_runs_as_a_user_and_carries_no_build_tools(hasync_ima
 
 
 def container_config(image: str) -> dict[str, Any]:
-    from harness.containers import docker
-
     data: dict[str, Any] = json.loads(docker("image", "inspect", image).stdout)[0]["Config"]
     return data
 
@@ -143,3 +143,48 @@ def test_three_containers_elect_one_primary_and_docker_stop_hands_it_over(
     assert not overlaps(tenures(all_events, now)), "two primaries at once"
     assert not terms_with_two_winners(all_events)
     assert not decreasing_terms(all_events)
+
+
+def test_the_compose_example_runs_the_image_and_stops_cleanly(
+    hasync_image: str, mosquitto: MosquittoProcess, tmp_path: Path, topic_prefix: str,
+) -> None:
+    """examples/docker-compose.yaml as it is, with only the image and the configuration folder chosen."""
+    from harness.containers import ROOT
+
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    http_port = free_port()
+    (config_dir / "hasync.yaml").write_text(yaml.safe_dump({
+        "node_id": "solo", "cluster": "test", "topic_prefix": topic_prefix, "broker": {"url": mosquitto.url},
+        "election": dict(FAST_ELECTION), "http": {"port": http_port}, "homeassistant": {"discovery": False},
+    }))
+    (config_dir / "hasync.yaml").chmod(0o644)
+    project = f"hasync{topic_prefix}"
+    env = dict(os.environ, HASYNC_IMAGE=hasync_image, HASYNC_CONFIG_DIR=str(config_dir))
+
+    def compose(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker-compose", "-f", str(ROOT / "examples" / "docker-compose.yaml"),
+                               "-p", project, *args], capture_output=True, text=True, env=env, timeout=120,
+                              check=False)
+
+    try:
+        up = compose("up", "-d")
+        assert up.returncode == 0, up.stderr
+        container_id = compose("ps", "-q", "hasync").stdout.strip()
+        assert container_id
+
+        def role() -> int | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/role", timeout=2) as response:
+                    return int(response.status)
+            except (OSError, ValueError):
+                return None
+
+        assert wait_until(role, 60, "the composed agent to be primary (/role 200)") == 200
+        stop = compose("stop")
+        assert stop.returncode == 0, stop.stderr
+        state = json.loads(docker("inspect", container_id).stdout)[0]["State"]
+        assert state["ExitCode"] == 0 and not state["OOMKilled"], state
+        assert docker("inspect", container_id, "--format", "{{.HostConfig.NetworkMode}}").stdout.strip() == "host"
+    finally:
+        compose("down", "-v")
