@@ -8,7 +8,11 @@ Supervisor's MQTT service announces (the Mosquitto broker add-on). Role hooks ar
 configuration folder (``/config/hooks/promote``, ``demote``, ``fault``), not shell text in the UI.
 
 The options use the configuration file's own keys (``node_id``, ``priority``, ``broker.url``,
-``homeassistant.managed_automations``, ``sync.include``...), so an error names the same key either way.
+``homeassistant.managed_automations``...), so an error names the same key either way, except where the
+Supervisor's option schema cannot nest as deep as the file (two levels): ``sync.include_domains`` for
+``sync.include.domains`` (and the other selection lists), ``log_level`` for ``log.level``. An empty
+``node_id`` is the host's name, as in the file. The HTTP endpoints listen on ``0.0.0.0:8765``, where the
+Supervisor's watchdog asks for ``/healthz`` (on the host network it connects to the host's address).
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ OPTIONS = Path("/data/options.json")
 HOOK_DIR = Path("/config/hooks")
 EVENTS_FILE = "/data/events.jsonl"
 SERVICE_TIMEOUT = 10.0  # seconds for the Supervisor to answer
+HTTP = {"host": "0.0.0.0", "port": 8765}
+# Options the Supervisor's schema cannot nest as deep as the configuration file: add-on key -> file path.
+_FLAT: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("log_level",): ("log", "level"),
+    **{("sync", f"{side}_{kind}"): ("sync", side, kind)
+       for side in ("include", "exclude") for kind in ("domains", "entities", "entity_globs")},
+}
 # Set by the Supervisor, not by the user: an option naming them is a mistake worth one clear line.
 _FROM_SUPERVISOR = {"url": "homeassistant.url", "token": "homeassistant.token",
                     "websocket_url": "homeassistant.websocket_url"}
@@ -41,6 +52,12 @@ def options_tree(options: Mapping[str, Any], token: str, *, supervisor: str = SU
                  hook_dir: Path = HOOK_DIR) -> dict[str, Any]:
     """The agent's configuration tree: the add-on's options, and what the Supervisor provides."""
     tree: dict[str, Any] = json.loads(json.dumps(dict(options)))  # a deep copy of plain JSON
+    _unflatten(tree)
+    if tree.get("node_id") == "":
+        del tree["node_id"]
+    if "http" in tree:
+        raise SupervisorError("the option http is fixed in an add-on (0.0.0.0:8765, where the watchdog asks)")
+    tree["http"] = dict(HTTP)
     ha = tree.setdefault("homeassistant", {})
     if not isinstance(ha, dict):
         raise SupervisorError("the option homeassistant must be a mapping")
@@ -62,6 +79,24 @@ def options_tree(options: Mapping[str, Any], token: str, *, supervisor: str = SU
         tree["hooks"] = hooks
     tree.setdefault("events_file", EVENTS_FILE)
     return tree
+
+
+def _unflatten(tree: dict[str, Any]) -> None:
+    """The add-on's flat selection and log options at the configuration file's paths."""
+    for flat, path in _FLAT.items():
+        parent: Any = tree
+        for key in flat[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or flat[-1] not in parent:
+            continue
+        value = parent.pop(flat[-1])
+        target = tree
+        for key in path[:-1]:
+            node = target.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise SupervisorError(f"the option {'.'.join(path[:-1])} must be a mapping")
+            target = node
+        target[path[-1]] = value
 
 
 async def mqtt_service(token: str, *, supervisor: str = SUPERVISOR_URL) -> dict[str, Any]:

@@ -75,6 +75,17 @@ def hasync_image() -> str:
         pytest.fail(str(exc))
 
 
+@pytest.fixture(scope="session")
+def addon_image(hasync_image: str) -> str:
+    """The add-on's image as the Supervisor builds it (addon/Dockerfile), on a stand-in for HA's base image."""
+    from harness.containers import DockerError, build
+
+    try:
+        return build("build-addon.sh")
+    except DockerError as exc:
+        pytest.fail(str(exc))
+
+
 # ---- a real Home Assistant (harness/ha.py) ----------------------------------------------------------
 
 

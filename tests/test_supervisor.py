@@ -20,7 +20,7 @@ from harness.fakeha import FakeHomeAssistant
 from harness.wait import eventually
 from hasync import cli, supervisor
 from hasync.agent import Agent
-from hasync.config import ConfigError
+from hasync.config import ConfigError, HttpConfig, default_node_id
 from hasync.supervisor import SupervisorError
 
 TOKEN = "supervisor-token"
@@ -143,8 +143,10 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def test_the_agent_reaches_home_assistant_through_the_supervisors_websocket_proxy(tmp_path: Path) -> None:
     options = {**OPTIONS, "broker": {"url": "mqtt://core-mosquitto:1883"},
-               "homeassistant": {"discovery": False}, "http": {"enabled": False}}
+               "homeassistant": {"discovery": False}}
     cfg = asyncio.run(supervisor.configure(options, {"SUPERVISOR_TOKEN": TOKEN}, hook_dir=tmp_path))
+    assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 8765)  # where the Supervisor's watchdog asks
+    cfg = cfg.model_copy(update={"http": HttpConfig(enabled=False)})  # no real port on the virtual clock
     ha = FakeHomeAssistant(token=TOKEN)  # Home Assistant behind the proxy takes the add-on's token
     opened: list[str] = []
 
@@ -161,3 +163,21 @@ def test_the_agent_reaches_home_assistant_through_the_supervisors_websocket_prox
 
     run(scenario)
     assert opened and set(opened) == {"http://supervisor/core/websocket"}
+
+
+async def test_the_addons_flat_options_land_at_the_configuration_files_paths(stand_in: StandInSupervisor) -> None:
+    """The Supervisor's schema nests two levels: sync.include_domains is sync.include.domains, and so on."""
+    options = {"node_id": "", "broker": {"url": "mqtt://core-mosquitto:1883", "username": ""},
+               "sync": {"enabled": True, "include_domains": ["light"], "include_entity_globs": ["switch.k_*"],
+                        "exclude_entities": ["light.porch"]},
+               "log_level": "DEBUG"}
+    cfg = await supervisor.configure(options, env(stand_in), hook_dir=Path("/nonexistent"))
+    assert cfg.sync.include.domains == ["light"] and cfg.sync.include.entity_globs == ["switch.k_*"]
+    assert cfg.sync.exclude.entities == ["light.porch"] and cfg.sync.exclude.domains == []
+    assert cfg.log.level == "DEBUG"
+    assert cfg.node_id == default_node_id()  # empty: the host's name
+    assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 8765)
+    with pytest.raises(SupervisorError, match="the option http is fixed"):
+        await supervisor.configure({**options, "http": {"port": 1}}, env(stand_in), hook_dir=Path("/x"))
+    with pytest.raises(ConfigError, match="log"):
+        await supervisor.configure({**options, "log_level": "LOUD"}, env(stand_in), hook_dir=Path("/x"))
