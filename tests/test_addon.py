@@ -78,7 +78,8 @@ def test_the_addon_folder_is_what_the_supervisor_reads() -> None:
     cfg = load_config(None, env={}, overrides={(key,): value for key, value in tree.items()})
     assert cfg.homeassistant.websocket_url == "http://supervisor/core/websocket" and cfg.sync.enabled
     # Exactly one add-on in the repository: the Supervisor takes every config.{json,yaml,yml} as one.
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
     found = [p for p in listed.split() if re.search(r"(^|/)config\.(json|ya?ml)$", p)
              and not any(part.startswith(".") or part == "rootfs" for part in Path(p).parts)]
     assert found == ["addon/config.yaml"], found
