@@ -244,6 +244,11 @@ class Keyring:
             raw = _unb64(sig)
         except (binascii.Error, ValueError):
             return DropReason.BAD_SIGNATURE
+        # One spelling per signature: 86 characters carry 516 bits for 512, and a decoder ignores the last
+        # two (and skips characters outside the alphabet). Another spelling of a valid signature would pass
+        # the check and look new to SeenSignatures: a replayed command.
+        if _b64(raw) != sig:
+            return DropReason.BAD_SIGNATURE
         return None if key.verify(raw, signed_bytes(topic, body)) else DropReason.BAD_SIGNATURE
 
 

@@ -208,3 +208,20 @@ def test_whatever_arrives_the_router_with_keys_routes_or_drops_with_a_reason(top
         router.route(Incoming(topic, payload, False))
     except MessageError as exc:
         assert isinstance(exc.reason, DropReason)
+
+
+def test_a_signature_has_one_spelling(keys: tuple[Signer, Signer, Keyring]) -> None:
+    """The last base64 character carries two unused bits: changing them, or adding characters a decoder
+    skips, keeps the signature's bytes. Accepting such a spelling would let a replayed command look new."""
+    _, b, ring = keys
+    payload = b.sign(T.lease, renew("b", 1, 1).to_payload())
+    sig = json.loads(payload)["sig"]
+    assert ring.check(T.lease, payload, "b", sig) is None
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(sig[-1])
+    for low in range(4):
+        respelled = sig[:-1] + alphabet[(last & ~3) | low]
+        if respelled == sig:
+            continue
+        forged = payload.replace(sig.encode(), respelled.encode())
+        assert ring.check(T.lease, forged, "b", respelled) is DropReason.BAD_SIGNATURE
