@@ -50,8 +50,8 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .aio import wait_or
 from .config import VipAddress
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from pyroute2 import AsyncIPRoute
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R")
 
 ANNOUNCE_COUNT = 3
 ANNOUNCE_INTERVAL = 0.6  # s
@@ -152,19 +153,16 @@ class PyRoute2Netlink:
         from pyroute2.netlink.exceptions import NetlinkError
 
         try:
-            async with asyncio.timeout(NETLINK_TIMEOUT):
-                ipr: AsyncIPRoute
-                async with AsyncIPRoute(groups=0) as ipr:
-                    found = await ipr.link_lookup(ifname=vip.interface)
-                    if not found:
-                        raise VipError(VipErrorKind.NO_INTERFACE, f"no interface {vip.interface}")
-                    await ipr.addr(command, index=found[0], address=str(vip.ip), prefixlen=vip.prefixlen, **extra)
+            ipr: AsyncIPRoute
+            async with AsyncIPRoute(groups=0) as ipr:
+                found = await ipr.link_lookup(ifname=vip.interface)
+                if not found:
+                    raise VipError(VipErrorKind.NO_INTERFACE, f"no interface {vip.interface}")
+                await ipr.addr(command, index=found[0], address=str(vip.ip), prefixlen=vip.prefixlen, **extra)
         except NetlinkError as exc:
             kind = _kind(exc.code)
             raise VipError(kind, f"{'adding' if command == 'add' else 'removing'} {vip.address} on {vip.interface}: "
                                  f"{exc.args[1] if len(exc.args) > 1 else exc}{_HINTS.get(kind, '')}") from exc
-        except TimeoutError:
-            raise VipError(VipErrorKind.TIMEOUT, f"netlink did not answer within {NETLINK_TIMEOUT:g} s") from None
         except OSError as exc:
             raise VipError(_kind(exc.errno), f"netlink: {exc.strerror or exc}") from exc
 
@@ -228,6 +226,15 @@ class RawAnnouncer:
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
+
+
+async def _bounded(call: Awaitable[R]) -> R:
+    """A netlink request, given up after ``NETLINK_TIMEOUT`` (a seam that hangs must not hold the role)."""
+    try:
+        async with asyncio.timeout(NETLINK_TIMEOUT):
+            return await call
+    except TimeoutError:
+        raise VipError(VipErrorKind.TIMEOUT, f"netlink did not answer within {NETLINK_TIMEOUT:g} s") from None
 
 
 class FloatingIps:
@@ -301,7 +308,7 @@ class FloatingIps:
             problems: list[str] = []
             for vip in self.addresses:
                 try:
-                    removed = await self._netlink.remove(vip)
+                    removed = await _bounded(self._netlink.remove(vip))
                 except VipError as exc:
                     self._failed(Operation.CHECK, exc)
                     problems.append(str(exc))
@@ -327,7 +334,7 @@ class FloatingIps:
             due = [self._next_check if not self._want and not self._held else float("inf"),
                    self._next_announce if self._want and self._announce_left else float("inf"),
                    self._next_retry if not self._want and self._held else float("inf")]
-            await wait_or(self._wake, max(0.0, min(due) - now))
+            await wait_or(self._wake, max(0.001, min(due) - now))  # (at least a millisecond: float rounding)
 
     async def _reconcile(self) -> None:
         if not self._want:
@@ -351,9 +358,11 @@ class FloatingIps:
             if not self._want:
                 return
             try:
-                await self._netlink.add(vip)
+                await _bounded(self._netlink.add(vip))
             except VipError as exc:
                 self._failed(Operation.ADD, exc)
+                if exc.kind in (VipErrorKind.TIMEOUT, VipErrorKind.OTHER):
+                    self._held[vip.address] = vip  # it may have been added after all: remove it to be sure
                 if exc.kind is not VipErrorKind.EXISTS:
                     self._set_fault(str(exc))  # the node hands over: demoted() then removes what was added
                     return
@@ -365,7 +374,7 @@ class FloatingIps:
     async def _remove_held(self) -> None:
         for key, vip in list(self._held.items()):
             try:
-                removed = await self._netlink.remove(vip)
+                removed = await _bounded(self._netlink.remove(vip))
             except VipError as exc:
                 self._failed(Operation.REMOVE, exc)
                 if exc.kind is not VipErrorKind.NO_INTERFACE:  # (the address went with its interface)
