@@ -144,3 +144,31 @@ def test_a_node_without_cap_net_admin_says_so_and_is_never_elected(tmp_path: Pat
             assert agent.metric("hasync_vip_errors_total", operation="check", error="permission") >= 1
             assert vip not in addresses(lan, "n1") and agent.alive
             assert agent.log().count("check failed: removing") >= 1
+
+
+def test_a_primary_cut_off_drops_the_address_before_the_successor_adds_it(tmp_path: Path,
+                                                                          topic_prefix: str) -> None:
+    """The primary's packets dropped both ways (iptables in its namespace): it removes the address at its
+    renew deadline, a lease of silence before n2 may claim. Both namespaces are sampled every few ms until
+    n2 holds it: never both at once."""
+    with two_nodes_and_a_client(tmp_path, topic_prefix, six=False) as (lan, cluster, vips):
+        [vip] = vips
+        start = time.monotonic()
+        for chain in ("INPUT", "OUTPUT"):
+            lan.run_in("n1", "iptables", "-A", chain, "-j", "DROP")
+        samples: list[tuple[float, bool, bool]] = []
+
+        def sample() -> bool:
+            samples.append((time.monotonic(), vip in addresses(lan, "n1"), vip in addresses(lan, "n2")))
+            return samples[-1][2]
+
+        wait_until(sample, 10, "n2 to hold the floating IP", step=0.005)
+        assert not [s for s in samples if s[1] and s[2]], "both held the floating IP"
+        gone = next(t for t, on1, _ in samples if not on1)
+        taken = next(t for t, _, on2 in samples if on2)
+        print(f"cut: n1 let go {gone - start:.2f} s after the cut, n2 took it {taken - start:.2f} s after "
+              f"({len(samples)} samples)")
+        assert gone - start <= 1.0 + 0.25 + 0.3  # renew deadline (harness timings) after the last echo, + slack
+        lan.run_in("n1", "iptables", "-F")
+        wait_until(lambda: cluster.agents["n1"].status().get("role") == "standby", 30, "n1 to follow again")
+        assert vip not in addresses(lan, "n1") and vip in addresses(lan, "n2")
