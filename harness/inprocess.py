@@ -24,6 +24,7 @@ from hasync.config import AgentConfig
 from . import vclock
 from .fakebroker import FakeMqtt
 from .fakeha import FakeHomeAssistant
+from .fakenetlink import FakeHost
 from .wait import eventually
 
 PREFIX = "t"
@@ -68,20 +69,22 @@ class Cluster:
         self.deaths: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def make(self, node: str, *, ha: FakeHomeAssistant | None = None, **settings: Any) -> Agent:
-        """An agent on the fakes, not started."""
+    def make(self, node: str, *, ha: FakeHomeAssistant | None = None, host: FakeHost | None = None,
+             **settings: Any) -> Agent:
+        """An agent on the fakes, not started; ``host``: its interfaces, for the floating IPs."""
         if ha is not None:
             settings.setdefault("homeassistant", {})
             settings["homeassistant"] = {"url": "http://ha.invalid:8123", "token": ha.token,
                                          **settings["homeassistant"]}
         agent = Agent(config(node, **settings), connect=self.fake.connect, open_websocket=ha.open if ha else None,
-                      clock=vclock.clock, wall=vclock.wall)
+                      clock=vclock.clock, wall=vclock.wall, netlink=host, announcer=host)
         agent.effects.events = Events(node, agent.incarnation, self.events)
         return agent
 
-    async def add(self, node: str, *, ha: FakeHomeAssistant | None = None, **settings: Any) -> Agent:
+    async def add(self, node: str, *, ha: FakeHomeAssistant | None = None, host: FakeHost | None = None,
+                  **settings: Any) -> Agent:
         """Start an agent; it runs until ``stop`` or ``kill`` (or the cluster's block ends)."""
-        agent = self.make(node, ha=ha, **settings)
+        agent = self.make(node, ha=ha, host=host, **settings)
         started = asyncio.Event()
 
         async def run() -> None:

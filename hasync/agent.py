@@ -8,7 +8,8 @@ supervisor TaskGroup of named tasks:
 * ``hasync[node].publisher``: the one ordered publisher (``hasync.publisher``);
 * ``hasync[node].ticker``: election timers, heartbeats, Home Assistant's primary sensor;
 * ``hasync[node].effects``: releases and automations, in order (``hasync.effects``);
-* ``hasync[node].sync``: entity sync's applier and timers, when sync is on.
+* ``hasync[node].sync``: entity sync's applier and timers, when sync is on;
+* ``hasync[node].vip``: the floating IPs (``hasync.vip``), when configured.
 
 Leaving (``stop()`` from a signal handler, or the block ending, with an error or not) hands leadership
 over gracefully, then publishes the node's offline status as its last word, then disconnects.
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     from .homeassistant.websocket import OpenWebSocket
     from .sync.backend import Backend
     from .sync.replica import Replica
+    from .vip import Announcer, FloatingIps, Netlink
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class Part(enum.StrEnum):
     TICKER = "ticker"
     EFFECTS = "effects"
     SYNC = "sync"
+    VIP = "vip"
 
 
 class ConnectFailure(enum.StrEnum):
@@ -118,9 +121,12 @@ class Agent:
         open_websocket: OpenWebSocket | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        netlink: Netlink | None = None,
+        announcer: Announcer | None = None,
     ) -> None:
         """``connect``: the broker seam (default: ``hasync.mqtt`` to ``config.broker``); ``open_websocket``:
-        Home Assistant's (``hasync.homeassistant.websocket.OpenWebSocket``; default: aiohttp)."""
+        Home Assistant's (``hasync.homeassistant.websocket.OpenWebSocket``; default: aiohttp); ``netlink`` and
+        ``announcer``: the floating IPs' (``hasync.vip``; default: pyroute2 and a raw socket)."""
         self.config = config
         self.node_id = config.node_id
         self.clock = clock
@@ -154,6 +160,8 @@ class Agent:
         self.effects = RoleEffects(config, self.topics, self.publisher, self.metrics,
                                    leader=lambda: self.election.leader, clock=clock, wall=wall, seal=self.seal,
                                    agent_version=__version__)
+        self.vip = self._floating_ips(netlink, announcer) if config.vip else None
+        self.effects.vip = self.vip
         self.http_port: int | None = None
         self.replica: Replica | None = None  # when sync is on (the sync package is imported only then)
         self._ha: HomeAssistantLink | None = None
@@ -174,6 +182,13 @@ class Agent:
         self._next_primary_state = 0.0 if ha.discovery else float("inf")
         self._warned: set[tuple[str, str]] = set()
         self._entered = False
+
+    def _floating_ips(self, netlink: Netlink | None, announcer: Announcer | None) -> FloatingIps:
+        from . import vip  # (pyroute2 only once it is used)
+
+        return vip.FloatingIps(self.config.vip, self.metrics, netlink=netlink or vip.PyRoute2Netlink(),
+                               announcer=announcer or vip.RawAnnouncer(), clock=self.clock,
+                               on_fault=self._update_health)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -209,6 +224,8 @@ class Agent:
             (Part.TICKER, self._ticker), (Part.EFFECTS, self.effects.run)]
         if self.replica is not None:
             loops.append((Part.SYNC, self.replica.run))
+        if self.vip is not None:
+            loops.append((Part.VIP, self.vip.run))
         for part, loop in loops:
             self._tasks.append(group.create_task(self._supervised(part, loop), name=f"hasync[{self.node_id}].{part}"))
         return self
@@ -254,6 +271,11 @@ class Agent:
             self.http_port = http.port
             logger.info("HTTP endpoints on http://%s:%d (/healthz /role /metrics)", http.host, http.port)
         self.effects.starting()
+        if self.vip is not None:
+            # Off every interface before this node can be elected (a previous run may have been killed as
+            # primary), and off again on the way out, whatever ends the agent (after the tasks stopped).
+            stack.push_async_callback(self.vip.release)
+            await self.vip.check()
         if cfg.maintenance:
             self._feed(MaintenanceChanged(on=True))
         ha = cfg.homeassistant
@@ -314,6 +336,7 @@ class Agent:
         budget = self.config.hooks.timeout + 11  # the demote hook, then the automations
         try:
             async with asyncio.timeout(budget):
+                await self.effects.release_vip()  # before the release below lets the successor add them
                 await self.effects.idle()
                 if releases:
                     await self.effects.wait_for_hooks()
@@ -590,6 +613,8 @@ class Agent:
                 parts.append((False, "waiting for Home Assistant"))
             else:
                 parts.append((self._ha_health[0], f"Home Assistant: {self._ha_health[1]}"))
+        if self.vip is not None and self.vip.fault is not None:
+            parts.append((False, f"floating IP: {self.vip.fault}"))
         healthy = all(ok for ok, _ in parts)
         detail = "ok" if healthy else "; ".join(d for ok, d in parts if not ok)
         if (healthy, detail) != (self.election.healthy, self.election.health_detail):
@@ -677,6 +702,7 @@ class Agent:
                 "detail": self._ha_health[1] if self._ha_health else "connecting",
             },
             "sync": None if self.replica is None else self.replica.status(),
+            "vip": None if self.vip is None else self.vip.status(),
             "incarnation": self.incarnation,
             # Signed control messages required of every node: otherwise any client that may write the
             # cluster's topics can speak for any node.

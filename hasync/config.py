@@ -8,6 +8,7 @@ hooks that read their sections (``hasync.health``, ``hasync.hooks``) import them
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -411,6 +412,65 @@ class SyncConfig(_Model):
         return [ThrottleRule(tuple(t.entity_globs), t.min_interval, t.deadband) for t in self.throttle]
 
 
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # Linux: IFNAMSIZ - 1 bytes, no '/' nor spaces
+
+
+class VipAddress(_Model):
+    """One floating IP (``hasync.vip``): held by the primary only. ``address`` takes its prefix length, as
+    ``ip addr add`` does: ``192.168.1.50/24``, ``fd00::50/64``."""
+
+    address: str
+    interface: str
+    label: str | None = None  # IPv4 only: the kernel's label, "eth0" or "eth0:something"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        text = value.strip()
+        if "/" not in text:
+            raise ValueError(f"{value!r} has no prefix length: write it as ip addr does, e.g. 192.168.1.50/24 "
+                             "or fd00::50/64")
+        try:
+            iface = ipaddress.ip_interface(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address with a prefix length "
+                             "(e.g. 192.168.1.50/24 or fd00::50/64)") from None
+        ip, net = iface.ip, iface.network
+        if ip.is_multicast or ip.is_loopback or ip.is_unspecified or ip.is_link_local:
+            raise ValueError(f"{value!r} is a multicast, loopback, link-local or unspecified address, "
+                             "not one a LAN's clients can be sent to")
+        if ip.version == 4 and net.prefixlen < 31 and ip in (net.network_address, net.broadcast_address):
+            raise ValueError(f"{value!r} is the network's {'network' if ip == net.network_address else 'broadcast'}"
+                             " address, not a host's")
+        return str(iface)
+
+    @field_validator("interface")
+    @classmethod
+    def _interface(cls, value: str) -> str:
+        if not _IFNAME.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a network interface name (1-15 of A-Z a-z 0-9 _ . : @ -)")
+        return value
+
+    @model_validator(mode="after")
+    def _label(self) -> Self:
+        if self.label is None:
+            return self
+        if self.ip.version == 6:
+            raise ValueError(f"{self.address}: labels are for IPv4 addresses only (the kernel has none for IPv6)")
+        if len(self.label) > 15 or not (self.label == self.interface or self.label.startswith(f"{self.interface}:")):
+            raise ValueError(f"label {self.label!r} must be the interface's name, or it followed by ':' (e.g. "
+                             f"{self.interface}:ha), 15 characters at most")
+        return self
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_interface(self.address).ip
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.ip_interface(self.address).network.prefixlen
+
+
 class HttpConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -468,6 +528,7 @@ class AgentConfig(_Model):
     log: LogConfig = LogConfig()
     events_file: Path | None = None
     signing: SigningConfig | None = None
+    vip: list[VipAddress] = Field(default_factory=list)
 
     @field_validator("node_id")
     @classmethod
@@ -483,6 +544,17 @@ class AgentConfig(_Model):
     @classmethod
     def _prefix(cls, value: str) -> str:
         return validate_prefix(value)
+
+    @field_validator("vip")
+    @classmethod
+    def _unique_vips(cls, value: list[VipAddress]) -> list[VipAddress]:
+        seen: dict[str, int] = {}
+        for i, vip in enumerate(value):
+            ip = str(vip.ip)
+            if ip in seen:
+                raise ValueError(f"{ip} is listed twice (entries {seen[ip]} and {i}): each floating IP once")
+            seen[ip] = i
+        return value
 
     @model_validator(mode="after")
     def _will_after_deadline(self) -> AgentConfig:

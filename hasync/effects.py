@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from .config import AgentConfig, HookEvent
 from .election import DemotionCause
@@ -25,6 +25,9 @@ from .messages import LeaderAnnouncement, LeaseRecord, Message, NodeRole
 from .metrics import Metrics
 from .publisher import Outgoing, Publisher
 from .topics import Topics
+
+if TYPE_CHECKING:
+    from .vip import FloatingIps
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class RoleEffects:
         self.events = events
         self.hooks: Hooks | None = None
         self.automations: Automations | None = None  # this node's Home Assistant in managed mode
+        self.vip: FloatingIps | None = None  # the floating IPs, when configured
         ha = config.homeassistant
         self.discovery = Discovery(topics, config.node_id, ha.discovery_prefix, config.election.renew_deadline,
                                    agent_version) if ha.discovery else None
@@ -130,6 +134,8 @@ class RoleEffects:
         self.metrics.promotions.inc()
         self.metrics.is_primary.set(1)
         self._event("promote", term=term, deadline=deadline)
+        if self.vip is not None:
+            self.vip.promoted()
         self._hook(HookEvent.PROMOTE, term, "elected")
         self.switch_automations(True)
         self.publisher.put(self.topics.leader, LeaderAnnouncement(
@@ -139,6 +145,8 @@ class RoleEffects:
         logger.warning("no longer primary (term %d): %s", term, reason)
         self.metrics.demotions.labels(cause.value).inc()
         self.metrics.is_primary.set(0)
+        if self.vip is not None:  # at once, whatever the hooks are doing: the renew deadline is the fencing point
+            self.vip.demoted()
         self._event("demote", term=term, cause=cause.value, reason=reason, acting_until=acting_until)
         self._hook(HookEvent.DEMOTE, term, reason)
         self.switch_automations(False)
@@ -222,7 +230,13 @@ class RoleEffects:
         except TimeoutError:
             logger.error("the demote hook did not finish in %.0f s; releasing anyway", self.config.hooks.timeout)
 
+    async def release_vip(self) -> None:
+        """The floating IPs off this node: before a release lets the successor add them."""
+        if self.vip is not None:
+            await self.vip.release()
+
     async def _release(self, record: LeaseRecord) -> None:
+        await self.release_vip()
         await self.wait_for_hooks()
         for message in self.release_messages(record):
             self.publisher.put(message.topic, message.payload, retain=message.retain)

@@ -41,6 +41,16 @@ class Metrics:
         self.echo = Histogram("hasync_renew_echo_seconds", "Time from sending a lease record to its echo",
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
                               registry=r)
+        self.vip_held = Gauge("hasync_vip_held", "1 while this node holds the floating IP", ["address"], registry=r)
+        self.vip_fault = Gauge("hasync_vip_fault", "1 while this node cannot hold its floating IPs (not eligible)",
+                               registry=r)
+        self.vip_errors = Counter("hasync_vip_errors", "Floating IP operations that failed",
+                                  ["operation", "error"], registry=r)
+        self.vip_announcements = Counter("hasync_vip_announcements",
+                                         "Gratuitous ARPs and unsolicited neighbour advertisements sent", registry=r)
+        self.vip_stale_removed = Counter("hasync_vip_stale_removed",
+                                         "Floating IPs found on an interface while not primary, and removed",
+                                         registry=r)
 
         self.sync_synced = Gauge("hasync_sync_synced", "1 once this connection's retained entity records are in",
                                  registry=r)
