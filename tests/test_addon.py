@@ -47,6 +47,7 @@ def test_the_addon_folder_is_what_the_supervisor_reads() -> None:
     assert config["version"] == __version__ and config["slug"] == "hasync"
     assert config["init"] is False  # s6-overlay is PID 1
     assert config["host_network"] is True
+    assert set(config["privileged"]) == {"NET_ADMIN", "NET_RAW"}  # the floating IP
     assert 60 <= config["timeout"] <= 300  # the Supervisor allows 10-300 s; a handover needs more than 10
     assert "mqtt:want" in config["services"] and config["homeassistant_api"] is True
     assert config["watchdog"] == f"http://[HOST]:[PORT:{supervisor.HTTP['port']}]/healthz"
@@ -64,7 +65,8 @@ def test_the_addon_folder_is_what_the_supervisor_reads() -> None:
 
     for name, element in leaves(schema):
         for item in element if isinstance(element, list) else [element]:
-            assert isinstance(item, str) and _ELEMENT.match(item), f"schema {name}: {item!r}"
+            for leaf in item.values() if isinstance(item, dict) else [item]:  # a list of mappings: one level
+                assert isinstance(leaf, str) and _ELEMENT.match(leaf), f"schema {name}: {leaf!r}"
 
     def keys(tree: dict[str, Any], path: str = "") -> set[str]:
         return {k for key, v in tree.items()

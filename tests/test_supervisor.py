@@ -170,8 +170,9 @@ async def test_the_addons_flat_options_land_at_the_configuration_files_paths(sta
     options = {"node_id": "", "broker": {"url": "mqtt://core-mosquitto:1883", "username": ""},
                "sync": {"enabled": True, "include_domains": ["light"], "include_entity_globs": ["switch.k_*"],
                         "exclude_entities": ["light.porch"]},
-               "log_level": "DEBUG"}
+               "log_level": "DEBUG", "vip": [{"address": "192.168.1.50/24", "interface": "eth0"}]}
     cfg = await supervisor.configure(options, env(stand_in), hook_dir=Path("/nonexistent"))
+    assert [(str(v.address), v.interface) for v in cfg.vip] == [("192.168.1.50/24", "eth0")]
     assert cfg.sync.include.domains == ["light"] and cfg.sync.include.entity_globs == ["switch.k_*"]
     assert cfg.sync.exclude.entities == ["light.porch"] and cfg.sync.exclude.domains == []
     assert cfg.log.level == "DEBUG"
