@@ -19,7 +19,7 @@ from typing import Any
 
 from hasync.agent import Agent
 from hasync.audit import decreasing_terms, overlaps, tenures, terms_with_two_winners
-from hasync.config import AgentConfig
+from hasync.config import AgentConfig, HealthCheckConfig
 
 from . import vclock
 from .fakebroker import FakeMqtt
@@ -61,6 +61,21 @@ class Events:
                           "incarnation": self.incarnation, "event": event, **fields})
 
 
+class Probes:
+    """A node's health check results, set by the test (the probe seam): a check passes unless ``failing``
+    names it; ``runs`` counts the probes by check."""
+
+    def __init__(self) -> None:
+        self.failing: dict[str, str] = {}
+        self.runs: dict[str, int] = {}
+
+    async def __call__(self, check: HealthCheckConfig) -> tuple[bool, str]:
+        self.runs[check.name] = self.runs.get(check.name, 0) + 1
+        if check.name in self.failing:
+            return False, self.failing[check.name]
+        return True, "ok"
+
+
 class Cluster:
     def __init__(self, fake: FakeMqtt | None = None) -> None:
         self.fake = fake or FakeMqtt()
@@ -70,21 +85,22 @@ class Cluster:
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def make(self, node: str, *, ha: FakeHomeAssistant | None = None, host: FakeHost | None = None,
-             **settings: Any) -> Agent:
-        """An agent on the fakes, not started; ``host``: its interfaces, for the floating IPs."""
+             probes: Probes | None = None, **settings: Any) -> Agent:
+        """An agent on the fakes, not started; ``host``: its interfaces, for the floating IPs; ``probes``: its
+        health checks' results."""
         if ha is not None:
             settings.setdefault("homeassistant", {})
             settings["homeassistant"] = {"url": "http://ha.invalid:8123", "token": ha.token,
                                          **settings["homeassistant"]}
         agent = Agent(config(node, **settings), connect=self.fake.connect, open_websocket=ha.open if ha else None,
-                      clock=vclock.clock, wall=vclock.wall, netlink=host, announcer=host)
+                      clock=vclock.clock, wall=vclock.wall, netlink=host, announcer=host, probe=probes)
         agent.effects.events = Events(node, agent.incarnation, self.events)
         return agent
 
     async def add(self, node: str, *, ha: FakeHomeAssistant | None = None, host: FakeHost | None = None,
-                  **settings: Any) -> Agent:
+                  probes: Probes | None = None, **settings: Any) -> Agent:
         """Start an agent; it runs until ``stop`` or ``kill`` (or the cluster's block ends)."""
-        agent = self.make(node, ha=ha, host=host, **settings)
+        agent = self.make(node, ha=ha, host=host, probes=probes, **settings)
         started = asyncio.Event()
 
         async def run() -> None:

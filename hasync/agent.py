@@ -51,6 +51,7 @@ from .election import (
     HeartbeatReceived,
     Ignored,
     MaintenanceChanged,
+    PriorityChanged,
     Promoted,
     Publish,
     RecordReceived,
@@ -59,7 +60,7 @@ from .election import (
     TermLimit,
     Tick,
 )
-from .health import HealthMonitor
+from .health import HealthMonitor, Probe
 from .hooks import HookResult, HookRunner
 from .http import HttpServer, HttpServerError
 from .inbound import HomeAssistantOnline, Router, SyncMarker, ToElection, ToSync
@@ -123,10 +124,12 @@ class Agent:
         wall: Callable[[], float] = time.time,
         netlink: Netlink | None = None,
         announcer: Announcer | None = None,
+        probe: Probe | None = None,
     ) -> None:
         """``connect``: the broker seam (default: ``hasync.mqtt`` to ``config.broker``); ``open_websocket``:
         Home Assistant's (``hasync.homeassistant.websocket.OpenWebSocket``; default: aiohttp); ``netlink`` and
-        ``announcer``: the floating IPs' (``hasync.vip``; default: pyroute2 and a raw socket)."""
+        ``announcer``: the floating IPs' (``hasync.vip``; default: pyroute2 and a raw socket); ``probe``: runs a
+        health check (``hasync.health.Probe``; default: the real probes)."""
         self.config = config
         self.node_id = config.node_id
         self.clock = clock
@@ -168,6 +171,7 @@ class Agent:
         self._ha_health: tuple[bool, str] | None = None
         self._checks_health: tuple[bool, str] | None = None if config.health_checks else (True, "")
         self._health: HealthMonitor | None = None
+        self._probe = probe
         self._session: Session | None = None
         self._stop = asyncio.Event()
         self._stopping = False
@@ -284,7 +288,8 @@ class Agent:
         if self.replica is None:
             logger.info("state sync off: %s", "sync.enabled is false" if not cfg.sync.enabled
                         else "no Home Assistant configured (homeassistant.url and token)")
-        self._health = await stack.enter_async_context(HealthMonitor(cfg.health_checks, on_change=self._on_health))
+        self._health = await stack.enter_async_context(HealthMonitor(cfg.health_checks, on_change=self._on_health,
+                                                                     on_priority=self._on_priority, probe=self._probe))
         self._update_health()
 
     def _sync_backend(self) -> Backend | None:
@@ -483,8 +488,12 @@ class Agent:
                         self.effects.release_after_hooks(record)
                 case Promoted(term=term, deadline=deadline):
                     self.effects.promoted(term, deadline)
+                    if self._health is not None:
+                        self._health.set_primary(True)
                 case Demoted(term=term, cause=cause, reason=reason, acting_until=until):
                     self.effects.demoted(term, cause, reason, until)
+                    if self._health is not None:
+                        self._health.set_primary(False)
                     damped = self.election.damped_until(self.clock())
                     if damped is not None:
                         logger.warning("flap damping: not taking leadership back before this node's link has been "
@@ -593,6 +602,14 @@ class Agent:
     def _on_health(self, healthy: bool, detail: str) -> None:
         self._checks_health = (healthy, detail)
         self._update_health()
+
+    def _on_priority(self, delta: int) -> None:
+        """The weighted health checks moved this node's priority (keepalived's weight)."""
+        priority = max(0, min(1000, self.config.priority + delta))
+        self.metrics.priority.set(priority)
+        if priority != self.election.priority:
+            logger.info("priority %d (%d, health check weights %+d)", priority, self.config.priority, delta)
+            self._feed(PriorityChanged(priority))
 
     def _on_ha_health(self, healthy: bool, detail: str) -> None:
         self._ha_health = (healthy, detail)

@@ -120,9 +120,16 @@ class BrokerConfig(_Model):
 
 
 _CHECK_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # Linux: IFNAMSIZ - 1 bytes, no '/' nor spaces
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 
 class _CheckBase(BaseModel):
+    """What every check has. ``weight`` 0 gates eligibility (a failing check makes the node not eligible);
+    otherwise, like keepalived's, it moves the node's priority: a negative weight is added while the check
+    fails, a positive one while it passes. ``when: primary`` runs the check only on the primary (is the
+    service it started answering?): failing, the primary runs its fault hook and hands over."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
@@ -130,6 +137,8 @@ class _CheckBase(BaseModel):
     timeout: float = 1.0
     rise: int = 2
     fall: int = 2
+    weight: Annotated[int, Field(ge=-1000, le=1000)] = 0
+    when: Literal["always", "primary"] = "always"
 
     @field_validator("name")
     @classmethod
@@ -161,6 +170,9 @@ class _CheckBase(BaseModel):
                 f"check {self.name!r}: timeout ({self.timeout:g}s) must not exceed interval "
                 f"({self.interval:g}s), so one run finishes before the next starts"
             )
+        if self.when == "primary" and self.weight != 0:
+            raise ValueError(f"check {self.name!r}: a check that runs only on the primary hands over when it "
+                             "fails; it cannot have a weight")
         return self
 
 
@@ -207,7 +219,79 @@ class HttpCheck(_CheckBase):
         return value
 
 
-HealthCheckConfig = Annotated[CommandCheck | HttpCheck, Field(discriminator="type")]
+class TcpCheck(_CheckBase):
+    """Connect to ``host``:``port``; success is an accepted connection within the timeout."""
+
+    type: Literal["tcp"]
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"host must be a host name or an address, got {value!r}")
+        return value
+
+
+class DnsCheck(_CheckBase):
+    """Ask ``server`` (an address) for ``query``'s ``record`` over UDP; success is an answer without error
+    that holds a record of that type (and, with ``expect``, one of those addresses)."""
+
+    type: Literal["dns"]
+    server: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 53
+    query: str
+    record: Literal["A", "AAAA"] = "A"
+    expect: list[str] | None = None
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"server must be an IP address (a name would need the DNS it checks), got {value!r}")\
+                from None
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        labels = value.rstrip(".").split(".")
+        if len(value) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(f"query must be a DNS name (labels of 1-63 letters, digits, '-' or '_'), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _expected_addresses(self) -> Self:
+        for address in self.expect or []:
+            try:
+                version = ipaddress.ip_address(address).version
+            except ValueError:
+                raise ValueError(f"expect must list IP addresses, got {address!r}") from None
+            if version != (4 if self.record == "A" else 6):
+                raise ValueError(f"expect: {address} is not an answer to a {self.record} query")
+        return self
+
+
+class InterfaceCheck(_CheckBase):
+    """The network interface is up with a carrier (keepalived's ``track_interface``)."""
+
+    type: Literal["interface"]
+    interface: str
+
+    @field_validator("interface")
+    @classmethod
+    def _interface(cls, value: str) -> str:
+        if not _IFNAME.fullmatch(value):
+            raise ValueError(f"interface must be an interface name (1-15 characters, no '/' or spaces), "
+                             f"got {value!r}")
+        return value
+
+
+HealthCheckConfig = Annotated[CommandCheck | HttpCheck | TcpCheck | DnsCheck | InterfaceCheck,
+                              Field(discriminator="type")]
 
 
 
@@ -412,7 +496,6 @@ class SyncConfig(_Model):
         return [ThrottleRule(tuple(t.entity_globs), t.min_interval, t.deadband) for t in self.throttle]
 
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # Linux: IFNAMSIZ - 1 bytes, no '/' nor spaces
 
 
 class VipAddress(_Model):

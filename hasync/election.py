@@ -96,6 +96,11 @@ and no more than 1.5 heartbeat intervals apart; any of these restarts the count.
 leaves its rank alone, so the old primary usually wins the next election itself. Damping only delays
 claims and preemptions: it cannot make two primaries.
 
+A primary hands over to a better peer (preemption) once that peer, preempting, has been both eligible and of
+a higher priority than the primary for ``preempt_delay``. Priorities move (``PriorityChanged``: weighted
+health checks), so the delay counts from whichever came last: a check that fails for a moment does not
+move leadership there and back.
+
 A node that was asked to step down (``StepDown``, not final) holds its preemption back until it is told
 to take it up again (``Resume``) or restarts: it may still be elected when the lease falls vacant, but
 it does not take leadership back from a worse node, which would undo the handover before an update.
@@ -208,6 +213,15 @@ class MaintenanceChanged:
 
 
 @dataclass(frozen=True)
+class PriorityChanged:
+    """This node's priority is now ``priority`` (weighted health checks). Its heartbeats say so; peers
+    preempt it or stop preempting by the usual rules. Ranks only order claims, so no priority can make two
+    primaries."""
+
+    priority: int
+
+
+@dataclass(frozen=True)
 class StepDown:
     """Hand leadership over gracefully. ``final`` (shutdown) also stops all future claims; otherwise the
     node holds its preemption back until ``Resume``."""
@@ -234,6 +248,7 @@ Event = (
     | HeartbeatReceived
     | HealthChanged
     | MaintenanceChanged
+    | PriorityChanged
     | StepDown
     | Resume
     | Tick
@@ -415,6 +430,9 @@ class Peer:
     received_at: float
     eligible_since: float | None = None
     observing_since: float | None = None  # first heartbeat of its current connection that said "observing"
+    # Since when it has had a higher priority than this node (priorities move with weighted health checks:
+    # a preemption waits for preempt_delay of that too, so a blip of a check does not move leadership).
+    outranking_since: float | None = None
 
 
 @dataclass
@@ -585,6 +603,8 @@ class Election:
                 if was and not healthy:
                     actions.append(Fault(detail or "health check failed"))
                     self._step_down(now, DemotionCause.UNHEALTHY, f"unhealthy: {detail}", None, actions)
+            case PriorityChanged(priority=priority):
+                self._set_priority(priority, now)
             case MaintenanceChanged(on=on):
                 self.maintenance = on
                 if on:
@@ -603,6 +623,14 @@ class Election:
                 pass
         self._advance(now, actions)
         return actions
+
+    def _set_priority(self, priority: int, now: float) -> None:
+        self.priority = priority
+        for peer in self.peers.values():
+            if peer.heartbeat.priority <= priority:
+                peer.outranking_since = None
+            elif peer.outranking_since is None:
+                peer.outranking_since = now
 
     # ---- the stream -----------------------------------------------------------------------------
 
@@ -688,7 +716,11 @@ class Election:
             if peer is not None and continuous and (
                     peer.heartbeat.incarnation, peer.heartbeat.conn) == (hb.incarnation, hb.conn):
                 observing_since = peer.observing_since if peer.observing_since is not None else now
-        self.peers[hb.node] = Peer(hb, now, eligible_since, observing_since)
+        outranking_since = None
+        if hb.priority > self.priority:
+            previous = peer.outranking_since if peer is not None and continuous else None
+            outranking_since = previous if previous is not None else now
+        self.peers[hb.node] = Peer(hb, now, eligible_since, observing_since, outranking_since)
         lease = self.lease
         if (
             not hb.online
@@ -827,8 +859,8 @@ class Election:
             hb = p.heartbeat
             if (
                 hb.preempt and hb.eligible and hb.priority > self.priority and self._following_me(hb)
-                and p.eligible_since is not None
-                and now - p.eligible_since >= self.timing.preempt_delay
+                and p.eligible_since is not None and p.outranking_since is not None
+                and now - max(p.eligible_since, p.outranking_since) >= self.timing.preempt_delay
                 and (best is None or (-hb.priority, hb.node) < (-best.priority, best.node))
             ):
                 best = hb

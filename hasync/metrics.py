@@ -32,6 +32,7 @@ class Metrics:
         self.connect_failures = Counter("hasync_mqtt_connect_failures", "Failed or lost connections",
                                         ["kind"], registry=r)
         self.healthy = Gauge("hasync_healthy", "1 while all health checks pass", registry=r)
+        self.priority = Gauge("hasync_priority", "This node's priority, with its health checks' weights", registry=r)
         self.internal_errors = Counter("hasync_internal_errors", "Unexpected errors the agent caught and survived "
                                        "(bugs: each is logged with its traceback)", ["where"], registry=r)
         self.publishes_unacknowledged = Counter("hasync_publishes_unacknowledged",

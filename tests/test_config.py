@@ -512,7 +512,8 @@ health_checks:
     ("check", "message"),
     [
         ({"name": "a", "command": "true"}, "health_checks.0: Unable to extract tag using discriminator 'type'"),
-        ({"type": "tcp", "name": "a"}, "health_checks.0: Input tag 'tcp' found using 'type' does not match"),
+        ({"type": "icmp", "name": "a"}, "health_checks.0: Input tag 'icmp' found using 'type' does not match"),
+        ({"type": "tcp", "name": "a", "host": "h"}, "health_checks.0.tcp.port: Field required"),
         ({"type": "command", "name": "a", "command": " "}, "health_checks.0.command.command: command must not be"),
         ({"type": "command", "name": "a"}, "health_checks.0.command.command: Field required"),
         ({"type": "command", "name": "a", "command": "true", "url": "http://h"},

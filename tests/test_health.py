@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
 from harness.brokers import wait_exited
 from harness.wait import free_port
 from hasync import health
-from hasync.config import CommandCheck, HealthCheckConfig, HttpCheck
-from hasync.health import CheckState, HealthMonitor, run_command_check, run_http_check
+from hasync.config import CommandCheck, DnsCheck, HealthCheckConfig, HttpCheck, InterfaceCheck, TcpCheck
+from hasync.health import (
+    CheckState,
+    HealthMonitor,
+    run_command_check,
+    run_dns_check,
+    run_http_check,
+    run_interface_check,
+    run_tcp_check,
+)
 
 CHECKS = TypeAdapter(list[HealthCheckConfig])
 
@@ -97,7 +109,16 @@ def test_config_parses_both_kinds_by_type() -> None:
         ({"type": "http", "url": "http://"}, "url must be an http:// or https:// URL"),
         ({"type": "http", "url": "http://h/", "expect_status": []}, "at least one status"),
         ({"type": "http", "url": "http://h/", "expect_status": [200, 99]}, "HTTP statuses 100-599, got [99]"),
-        ({"type": "tcp", "host": "h"}, "does not match any of the expected tags"),
+        ({"type": "smtp", "host": "h"}, "does not match any of the expected tags"),
+        ({"type": "tcp", "host": "h"}, "port\\n  Field required"),
+        ({"type": "tcp", "host": "h", "port": 0}, "greater than or equal to 1"),
+        ({"type": "dns", "server": "router", "query": "ha.home"}, "server must be an IP address"),
+        ({"type": "dns", "server": "10.0.0.1", "query": "bad name!"}, "query must be a DNS name"),
+        ({"type": "dns", "server": "::1", "query": "ha", "record": "AAAA", "expect": ["10.0.0.5"]},
+         "not an answer to a AAAA"),
+        ({"type": "interface", "interface": "eth/0"}, "interface must be an interface name"),
+        ({"type": "tcp", "host": "h", "port": 1, "weight": 1001}, "less than or equal to 1000"),
+        ({"type": "tcp", "host": "h", "port": 1, "when": "primary", "weight": -5}, "cannot have a weight"),
     ],
 )
 def test_config_rejects_invalid_checks(fields: dict[str, Any], message: str) -> None:
@@ -268,6 +289,125 @@ async def test_http_connection_refused(session: aiohttp.ClientSession) -> None:
     ok, detail = await run_http_check(http_check(f"http://127.0.0.1:{free_port()}/"), session)
     assert not ok
     assert detail.startswith("request failed: ClientConnectorError")
+
+
+# ---- TCP, DNS and interface probes --------------------------------------------------------------
+
+
+async def test_tcp_check_connects_or_says_why_not() -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        check = TcpCheck(type="tcp", name="t", host="127.0.0.1", port=port)
+        assert await run_tcp_check(check) == (True, f"connected to 127.0.0.1:{port}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    ok, detail = await run_tcp_check(TcpCheck(type="tcp", name="t", host="127.0.0.1", port=port))
+    assert not ok and detail.startswith(f"127.0.0.1:{port}: ") and ("refused" in detail or "failed" in detail)
+
+
+class DnsServer(asyncio.DatagramProtocol):
+    """Answers every query with ``answer(query)`` (bytes), or not at all when it returns None."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        reply = self.answer(data)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+def dns_reply(query: bytes, *, rcode: int = 0, answers: Sequence[tuple[int, bytes]] = ()) -> bytes:
+    """A reply to ``query``: its header with QR set, its question, then ``answers`` (type, rdata) with a name
+    compressed to the question's."""
+    ident = query[:2]
+    question = query[12:]
+    header = ident + struct.pack("!HHHHH", 0x8180 | rcode, 1, len(answers), 0, 0)
+    records = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", rtype, 1, 60, len(rdata)) + rdata
+                       for rtype, rdata in answers)
+    return header + question + records
+
+
+@contextlib.asynccontextmanager
+async def dns_server(answer: Any) -> AsyncIterator[int]:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: DnsServer(answer), local_addr=("127.0.0.1", 0))
+    try:
+        yield transport.get_extra_info("sockname")[1]
+    finally:
+        transport.close()
+
+
+def dns_check(port: int, **fields: Any) -> DnsCheck:
+    return DnsCheck(type="dns", name="dns", server="127.0.0.1", port=port, query="ha.home", timeout=0.3,
+                    interval=0.3, **fields)
+
+
+async def test_dns_check_reads_the_answer_and_its_errors() -> None:
+    address = bytes([192, 168, 1, 5])
+    async with dns_server(lambda q: dns_reply(q, answers=[(5, b"\x02ha\x00"), (1, address)])) as port:
+        assert await run_dns_check(dns_check(port)) == (True, "ha.home is 192.168.1.5")
+        assert await run_dns_check(dns_check(port, expect=["192.168.1.5"])) == (True, "ha.home is 192.168.1.5")
+        assert await run_dns_check(dns_check(port, expect=["192.168.1.6"])) == (
+            False, "ha.home is 192.168.1.5, not 192.168.1.6")
+        assert await run_dns_check(dns_check(port, record="AAAA")) == (
+            False, "127.0.0.1: no AAAA record for ha.home")
+    async with dns_server(lambda q: dns_reply(q, rcode=3)) as port:
+        assert await run_dns_check(dns_check(port)) == (False, "127.0.0.1: answer NXDOMAIN")
+    async with dns_server(lambda q: b"\x00\x01garbage") as port:
+        ok, detail = await run_dns_check(dns_check(port))
+        assert not ok and detail in ("127.0.0.1: not the answer to this query", "127.0.0.1: malformed answer")
+    async with dns_server(lambda q: None) as port:
+        assert await run_dns_check(dns_check(port)) == (False, "no answer from 127.0.0.1 within 0.3s")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(data=st.binary(max_size=600), record=st.sampled_from(["A", "AAAA"]))
+def test_no_bytes_make_the_dns_parser_raise_anything_but_a_dns_error(data: bytes, record: str) -> None:
+    query_id = int.from_bytes(data[:2] or b"\0\0", "big")
+    try:
+        addresses = health.parse_dns_answer(data, query_id, record)
+    except health.DnsError:
+        return
+    assert all(isinstance(a, str) for a in addresses)
+
+
+@settings(max_examples=500, deadline=None)
+@given(answers=st.lists(st.tuples(st.sampled_from([1, 5, 28]), st.binary(max_size=20)), max_size=5),
+       cut=st.integers(min_value=0, max_value=400))
+def test_truncated_or_odd_answers_are_errors_or_addresses(answers: list[tuple[int, bytes]], cut: int) -> None:
+    query = health.dns_query(7, "ha.home", "A")
+    reply = dns_reply(query, answers=answers)
+    for data in (reply, reply[:cut]):
+        try:
+            addresses = health.parse_dns_answer(data, 7, "A")
+        except health.DnsError:
+            continue
+        assert addresses == [str(ipaddress.ip_address(r)) for t, r in answers if t == 1 and len(r) == 4]
+
+
+def test_interface_check_reads_the_link_state(tmp_path: Path) -> None:
+    def interface(name: str, operstate: str, carrier: str | None) -> InterfaceCheck:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "operstate").write_text(operstate + "\n")
+        if carrier is not None:
+            (tmp_path / name / "carrier").write_text(carrier + "\n")
+        return InterfaceCheck(type="interface", name=name, interface=name)
+
+    assert run_interface_check(interface("eth0", "up", "1"), tmp_path) == (True, "eth0 is up")
+    assert run_interface_check(interface("tun0", "unknown", "1"), tmp_path) == (True, "tun0 is up")
+    assert run_interface_check(interface("eth1", "down", None), tmp_path) == (False, "eth1 is down, no carrier")
+    assert run_interface_check(interface("eth2", "lowerlayerdown", "0"), tmp_path) == (
+        False, "eth2 is lowerlayerdown, no carrier")
+    missing = InterfaceCheck(type="interface", name="x", interface="wlan9")
+    assert run_interface_check(missing, tmp_path) == (False, "no interface wlan9")
+    assert run_interface_check(InterfaceCheck(type="interface", name="lo", interface="lo"))[0]  # the real one
 
 
 # ---- the monitor --------------------------------------------------------------------------------
