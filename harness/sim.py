@@ -53,6 +53,7 @@ from hasync.election import (
     HeartbeatReceived,
     Ignored,
     MaintenanceChanged,
+    PriorityChanged,
     Promoted,
     Publish,
     RecordReceived,
@@ -681,6 +682,14 @@ class Sim:
         if h.alive and h.election is not None:
             self.disturbed()
             self._handle(h, HealthChanged(healthy, "" if healthy else "sim"))
+
+    def set_priority(self, node_id: str, priority: int) -> None:
+        """The node's priority in force moves (weighted health checks), for this incarnation and the next."""
+        h = self.hosts[node_id]
+        h.priority = priority
+        if h.alive and h.election is not None:
+            self.disturbed()
+            self._handle(h, PriorityChanged(priority))
 
     def set_maintenance(self, node_id: str, on: bool) -> None:
         h = self.hosts[node_id]

@@ -33,7 +33,7 @@ from harness.sim import RATE_BOUNDS, Host, InvariantError, Net, Sim
 from hasync.election import Timing
 from hasync.messages import LeaseRecord
 
-FaultKind = Literal["kill", "pause", "cut", "step_down", "broker_restart", "unhealthy", "flaky"]
+FaultKind = Literal["kill", "pause", "cut", "step_down", "broker_restart", "unhealthy", "flaky", "priority"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class FaultSpec:
     broker_drops: bool = False  # pause: the broker times the frozen client out
     successor: int | None = None  # step_down
     restore: Literal["keep", "none", "oldest", "older"] = "keep"  # broker_restart: retained lease after
+    priority: int = 100  # priority: the node's priority for ``duration`` (weighted health checks), then back
     # "time": at ``at``; otherwise ``delay`` after the first time after ``at`` that a node publishes a
     # claim / renewal / release or is promoted (and then ``target`` None means that node)
     trigger: Literal["time", "claim", "renew", "release", "promote"] = "time"
@@ -126,6 +127,10 @@ def apply_fault(sim: Sim, f: FaultSpec, trigger_node: str | None) -> None:
         case "flaky":
             sim.flaky(target, sim.now, sim.now + f.duration)
             sim.at(sim.now + f.duration, sim.disturbed)
+        case "priority":
+            before = sim.hosts[target].priority
+            sim.set_priority(target, f.priority)
+            sim.at(sim.now + f.duration, functools.partial(sim.set_priority, target, before))
         case "broker_restart":
             older = [r for r in sim.lease_log if r.kind != "claim"]
             restore: dict[str, LeaseRecord | Literal["keep"] | None] = {
@@ -490,7 +495,8 @@ def nets(draw: st.DrawFn, timing: Timing) -> Net:
 @st.composite
 def faults(draw: st.DrawFn, n: int) -> FaultSpec:
     kind: FaultKind = draw(st.sampled_from(
-        ["kill", "kill", "pause", "pause", "cut", "cut", "step_down", "broker_restart", "unhealthy", "flaky"]
+        ["kill", "kill", "pause", "pause", "cut", "cut", "step_down", "broker_restart", "unhealthy", "flaky",
+         "priority"]
     ))
     at = draw(st.floats(0.5, 30.0))
     target = draw(st.one_of(st.none(), st.integers(0, n - 1)))
@@ -523,6 +529,9 @@ def _fault(
                              restore=draw(st.sampled_from(["keep", "keep", "none", "older", "oldest"])))
         case "unhealthy" | "flaky":
             return FaultSpec(at, kind, target, duration)
+        case "priority":
+            return FaultSpec(at, kind, target, draw(st.floats(0.05, 30.0)),
+                             priority=draw(st.sampled_from([0, 10, 150, 300, 1000])))
 
 
 @st.composite
