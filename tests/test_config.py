@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
@@ -722,3 +723,15 @@ def test_damping_settings_reach_the_election_and_are_checked() -> None:
             timing.release_fast_path) == (False, 5, 50, 60, False)
     assert "damping_hold (100.0) must not exceed damping_max (50.0)" in config_error(
         election__damping_hold=100, election__damping_max=50)
+
+
+def test_the_example_configurations_are_valid(tmp_path: Path) -> None:
+    """examples/ is documentation users copy: it must load (its file paths pointed at files that exist)."""
+    root = Path(__file__).resolve().parent.parent / "examples"
+    tree = yaml.safe_load((root / "hasync.yaml").read_text())
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    tree["broker"]["ca_file"] = str(tmp_path / "ca.crt")
+    cfg = load_config(write(tmp_path, yaml.safe_dump(tree)), env={})
+    assert {c.type for c in cfg.health_checks} >= {"http", "command", "interface", "dns"}
+    assert any(c.weight for c in cfg.health_checks) and any(c.when == "primary" for c in cfg.health_checks)
+    assert cfg.vip and cfg.events_file is not None
