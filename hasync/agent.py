@@ -62,7 +62,7 @@ from .election import (
 )
 from .health import HealthMonitor, Probe
 from .hooks import HookResult, HookRunner
-from .http import HttpServer, HttpServerError
+from .http import HttpServer, HttpServerError, Route
 from .inbound import HomeAssistantOnline, Router, SyncMarker, ToElection, ToSync
 from .logs import printable
 from .messages import DropReason, Heartbeat, LeaseRecord, MessageError, NodeRole
@@ -73,8 +73,6 @@ from .topics import Topics
 from .transport import AuthFailure, Connect, ConnectionLost, Incoming, MqttFailure, Session, Will
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .homeassistant.link import HomeAssistantLink
     from .homeassistant.websocket import OpenWebSocket
     from .sync.backend import Backend
@@ -177,7 +175,7 @@ class Agent:
         self._stopping = False
         self._wake = asyncio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
-        self._http_routes: list[web.RouteDef] = []  # the memory backend's test API
+        self._http_routes: list[Route] = []  # the memory backend's test API
         self._tasks: list[asyncio.Task[None]] = []
         self._sent: dict[tuple[str, int, int], float] = {}
         self._heartbeats_sent: dict[float, float] = {}  # our heartbeats' sent_at -> local send time

@@ -43,12 +43,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
-
-import aiohttp
+from typing import TYPE_CHECKING, Self
 
 from .config import CommandCheck, DnsCheck, HealthCheckConfig, HttpCheck, InterfaceCheck, TcpCheck
 from .process import describe_exit, kill_group
+
+if TYPE_CHECKING:  # aiohttp only for HTTP checks: 14 MiB an agent without them does not pay
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ async def run_command_check(check: CommandCheck) -> tuple[bool, str]:
 
 async def run_http_check(check: HttpCheck, session: aiohttp.ClientSession) -> tuple[bool, str]:
     """GET the check's URL once; ``(True, ...)`` iff the status is expected, within ``check.timeout``."""
+    import aiohttp
+
     try:
         async with (
             asyncio.timeout(check.timeout),
@@ -425,6 +428,8 @@ class HealthMonitor:
         self._state = _State.RUNNING
         if self._session is None and self._probe_seam is None and any(isinstance(c, HttpCheck) for c in self._checks):
             # A fresh connection per probe: a check should prove the server still accepts them.
+            import aiohttp
+
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
             self._owns_session = True
         # The loops let nothing but cancellation escape; should one fail anyway, the TaskGroup cancels

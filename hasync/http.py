@@ -1,21 +1,92 @@
 """The agent's HTTP endpoints: ``/healthz``, ``/role`` (200 only on the primary) and ``/metrics``.
 
+A small HTTP/1.1 server on asyncio's streams, not a web framework: three GET endpoints do not need one, and
+aiohttp's server costs an agent about 14 MiB of memory (it is still imported where the agent talks to Home
+Assistant). One request per connection (``Connection: close``), which every health checker and Prometheus
+accept. Whatever a client sends is bounded: the request line and headers (``MAX_HEAD``), a body
+(``MAX_BODY``, with ``Content-Length`` only) and the time it takes (``REQUEST_TIMEOUT``); anything else is a
+4xx answer or a closed connection, never an error in the agent.
+
 Other parts of the agent may add routes of their own (``routes``): the memory sync backend's test API is
 served only when that backend is configured (``hasync.sync.memory``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+logger = logging.getLogger(__name__)
+
+MAX_HEAD = 16 * 1024  # request line and headers
+MAX_BODY = 1024 * 1024
+REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            413: "Content Too Large", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
 
 
 class HttpServerError(Exception):
     """The endpoints could not be served (the port is taken, the address is not this host's)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: Mapping[str, str]
+    body: bytes = b""
+    params: Mapping[str, str] = field(default_factory=dict)  # the route's {name} parts
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain"
+
+    @classmethod
+    def json(cls, value: Any, status: int = 200) -> Response:
+        return cls(status, json.dumps(value).encode(), "application/json")
+
+    @classmethod
+    def text(cls, text: str, status: int) -> Response:
+        return cls(status, text.encode())
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """``method`` on ``path``; a last segment written ``{name}`` matches any one segment (``params[name]``)."""
+
+    method: str
+    path: str
+    handler: Handler
+
+    def match(self, path: str) -> dict[str, str] | None:
+        if "{" not in self.path:
+            return {} if path == self.path else None
+        prefix, _, name = self.path.rpartition("/")
+        head, _, last = path.rpartition("/")
+        if head != prefix or not last:
+            return None
+        return {name.strip("{}"): unquote(last)}
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
 
 
 class HttpServer:
@@ -30,7 +101,7 @@ class HttpServer:
         is_primary: Callable[[], bool],
         ready: Callable[[], bool],
         metrics: Callable[[], bytes],
-        routes: Iterable[web.RouteDef] = (),
+        routes: Iterable[Route] = (),
     ) -> None:
         self.host = host
         self.port = port
@@ -38,43 +109,131 @@ class HttpServer:
         self._is_primary = is_primary
         self._ready = ready
         self._metrics = metrics
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/role", self._role)
-        app.router.add_get("/metrics", self._metrics_handler)
-        app.router.add_routes(list(routes))
-        self._runner = web.AppRunner(app, access_log=None)
+        self._routes = [Route("GET", "/healthz", self._healthz), Route("GET", "/role", self._role),
+                        Route("GET", "/metrics", self._metrics_handler), *routes]
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> HttpServer:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
         try:
-            await site.start()
+            self._server = await asyncio.start_server(self._client, self.host, self.port, limit=MAX_HEAD)
         except OSError as exc:
-            await self._runner.cleanup()
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise HttpServerError(
                 f"cannot serve the HTTP endpoints on {self.host}:{self.port}: {why} "
                 "(set http.port, or http.enabled: false)"
             ) from exc
-        server = site._server
-        if self.port == 0 and server is not None and server.sockets:  # type: ignore[attr-defined]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        if self.port == 0 and self._server.sockets:
+            self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._clients):
+            task.cancel()
+        if self._clients:
+            await asyncio.wait(self._clients, timeout=2)
+        if self._server is not None:
+            await self._server.wait_closed()
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        body = self._status()
-        return web.json_response(body, status=200 if self._ready() else 503)
+    # ---- one connection, one request ----------------------------------------------------------
 
-    async def _role(self, request: web.Request) -> web.Response:
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        head_only = False
+        try:
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    request = await _read_request(reader)
+                head_only = request.method == "HEAD"
+                response = await self._dispatch(request)
+            except _BadRequest as exc:
+                response = Response.text(f"{exc}\n", exc.status)
+            except TimeoutError:
+                response = Response.text("request timeout\n", 408)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return
+            except Exception:  # a handler's bug: an answer, a log line, and the agent goes on
+                logger.exception("HTTP handler failed")
+                response = Response.text("internal error\n", 500)
+            await _write(writer, response, head_only=head_only)
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            self._clients.discard(task)
+            writer.close()
+
+    async def _dispatch(self, request: Request) -> Response:
+        allowed = []
+        for route in self._routes:
+            params = route.match(request.path)
+            if params is None:
+                continue
+            if route.method == request.method or (route.method == "GET" and request.method == "HEAD"):
+                return await route.handler(Request(request.method, request.path, request.query, request.body,
+                                                   params))
+            allowed.append(route.method)
+        if allowed:
+            return Response.text(f"method {request.method} not allowed here ({', '.join(allowed)})\n", 405)
+        return Response.text("not found\n", 404)
+
+    # ---- the endpoints ------------------------------------------------------------------------
+
+    async def _healthz(self, request: Request) -> Response:
+        return Response.json(self._status(), 200 if self._ready() else 503)
+
+    async def _role(self, request: Request) -> Response:
         primary = self._is_primary()
-        body = self._status()
-        return web.json_response(body, status=200 if primary else 503)
+        return Response.json(self._status(), 200 if primary else 503)
 
-    async def _metrics_handler(self, request: web.Request) -> web.Response:
-        response = web.Response(body=self._metrics())
-        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return response
+    async def _metrics_handler(self, request: Request) -> Response:
+        return Response(200, self._metrics(), CONTENT_TYPE_LATEST.split(";")[0])
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Request:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise _BadRequest(431, "request head too large") from None
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise _BadRequest(400, "incomplete request") from None
+        raise
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(400, "not an HTTP/1.x request line")
+    method, target, _ = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _BadRequest(400, "malformed header")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise _BadRequest(501, "chunked bodies are not supported: send Content-Length")
+    body = b""
+    if "content-length" in headers:
+        length = headers["content-length"]
+        if not length.isdigit():
+            raise _BadRequest(400, "bad Content-Length")
+        if int(length) > MAX_BODY:
+            raise _BadRequest(413, f"a body of at most {MAX_BODY} bytes")
+        body = await reader.readexactly(int(length))
+    url = urlsplit(target)
+    if not url.path.startswith("/"):
+        raise _BadRequest(400, "the target must be a path")
+    return Request(method, url.path, dict(parse_qsl(url.query)), body)
+
+
+async def _write(writer: asyncio.StreamWriter, response: Response, *, head_only: bool) -> None:
+    reason = _REASONS.get(response.status, "Unknown")
+    head = (f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: {response.content_type}\r\n"
+            f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n").encode()
+    writer.write(head if head_only else head + response.body)
+    await writer.drain()

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
+from ..http import Request, Response, Route
 from ..topics import ENTITY_ID
 from .backend import Sink
 from .state import Apply, Attributes, Remove, Value
@@ -91,45 +90,45 @@ class MemoryBackend:
 
     # ---- HTTP -----------------------------------------------------------------------------------
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         return [
-            web.get("/sync/entities", self._get_entities),
-            web.put("/sync/entities", self._put_entities),
-            web.delete("/sync/entities/{entity_id}", self._delete_entity),
-            web.get("/sync/applied", self._get_applied),
+            Route("GET", "/sync/entities", self._get_entities),
+            Route("PUT", "/sync/entities", self._put_entities),
+            Route("DELETE", "/sync/entities/{entity_id}", self._delete_entity),
+            Route("GET", "/sync/applied", self._get_applied),
         ]
 
-    async def _get_entities(self, request: web.Request) -> web.Response:
-        return web.json_response({e: {"state": v[0], "attributes": v[1]} for e, v in self.entities.items()})
+    async def _get_entities(self, request: Request) -> Response:
+        return Response.json({e: {"state": v[0], "attributes": v[1]} for e, v in self.entities.items()})
 
-    async def _put_entities(self, request: web.Request) -> web.Response:
+    async def _put_entities(self, request: Request) -> Response:
         try:
-            body = json.loads(await request.read())
+            body = json.loads(request.body)
         except ValueError as exc:
-            raise web.HTTPBadRequest(text=f"not JSON: {exc}\n") from exc
+            return Response.text(f"not JSON: {exc}\n", 400)
         if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text='expected {"entity_id": {"state": "...", "attributes": {...}}, ...}\n')
+            return Response.text('expected {"entity_id": {"state": "...", "attributes": {...}}, ...}\n', 400)
         changes: list[tuple[str, str, dict[str, Any]]] = []
         for entity_id, value in body.items():
             state = value.get("state") if isinstance(value, dict) else None
             attributes = value.get("attributes", {}) if isinstance(value, dict) else None
             if not ENTITY_ID.fullmatch(entity_id) or not isinstance(state, str) or not isinstance(attributes, dict):
-                raise web.HTTPBadRequest(text=f"{entity_id}: expected an entity id with a string state and "
-                                              "an attributes object\n")
+                return Response.text(f"{entity_id}: expected an entity id with a string state and an attributes "
+                                     "object\n", 400)
             changes.append((entity_id, state, attributes))
         for entity_id, state, attributes in changes:
             self.set_local(entity_id, state, attributes)
-        return web.json_response({"accepted": len(changes)})
+        return Response.json({"accepted": len(changes)})
 
-    async def _delete_entity(self, request: web.Request) -> web.Response:
-        if not self.remove_local(request.match_info["entity_id"]):
-            raise web.HTTPNotFound(text="no such entity\n")
-        return web.json_response({"removed": request.match_info["entity_id"]})
+    async def _delete_entity(self, request: Request) -> Response:
+        if not self.remove_local(request.params["entity_id"]):
+            return Response.text("no such entity\n", 404)
+        return Response.json({"removed": request.params["entity_id"]})
 
-    async def _get_applied(self, request: web.Request) -> web.Response:
+    async def _get_applied(self, request: Request) -> Response:
         try:
             after = int(request.query.get("after", "0"))
-        except ValueError as exc:
-            raise web.HTTPBadRequest(text="after must be an integer\n") from exc
-        return web.json_response(
+        except ValueError:
+            return Response.text("after must be an integer\n", 400)
+        return Response.json(
             [{"seq": e.seq, "entity_id": e.entity_id, "state": e.state, "t": e.t} for e in self.applied_since(after)])
