@@ -105,8 +105,10 @@ def dnsmasq_conf(path: Path, node: str, lan: netns.Lan, vip_ip: str) -> None:
 
 
 @contextlib.contextmanager
-def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, **settings: object) -> Iterator[Home]:
-    """n1 (best) and n2 running the recipe; yields once n1 holds the floating IP and serves."""
+def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, *, broken: str | None = None,
+         **settings: object) -> Iterator[Home]:
+    """n1 (best) and n2 running the recipe; yields once n1 holds the floating IP and serves (``broken``: that
+    node's dnsmasq.conf does not parse, and the test waits for nothing)."""
     why = missing()
     if why is not None:
         pytest.skip(why)
@@ -123,6 +125,8 @@ def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, **settings: obj
                     (tmp_path / node).mkdir()
                     conf = tmp_path / node / "dnsmasq.conf"
                     dnsmasq_conf(conf, node, lan, vip.split("/", maxsplit=1)[0])
+                    if node == broken:
+                        conf.write_text(conf.read_text() + "no-such-option\n")
                     hook = (f"DNSMASQ_CONTROL=pidfile DNSMASQ_CONF={conf} DNSMASQ_PIDFILE={pidfiles[node]} "
                             f"/bin/sh {RECIPE}")
                     cluster.add(node, priority=priority, command_prefix=lan.prefix(node),
@@ -131,6 +135,9 @@ def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, **settings: obj
                                 hooks={"promote": hook, "demote": hook, "on_broker_loss": on_broker_loss,
                                        "on_promote_failure": "handover", "timeout": 10}, **settings)
                 h = Home(lan, cluster, broker, vip, pidfiles)
+                if broken:
+                    yield h
+                    return
                 assert cluster.wait_for_leader(30) == "n1"
                 wait_until(lambda: h.holds("n1") and h.serving("n1"), 10, "n1 to hold the floating IP and serve")
                 yield h
@@ -234,3 +241,19 @@ def _overlap(samples: list[tuple[float, bool, bool, bool, bool]], both: object) 
     """Seconds during which ``both(sample)`` held, counting each sample until the next."""
     assert callable(both)
     return sum(b[0] - a[0] for a, b in itertools.pairwise(samples) if both(a))
+
+
+def test_a_dnsmasq_that_does_not_start_hands_the_role_over(tmp_path: Path, topic_prefix: str) -> None:
+    """n1's dnsmasq.conf is broken: its promote hook fails, it steps down (hooks.on_promote_failure: handover),
+    and n2, which can serve, takes over and stays primary (n1 holds its preemption back)."""
+    with home(tmp_path, topic_prefix, "kept", broken="n1") as h:
+        n2 = h.lan.addresses["n2"]
+        wait_until(lambda: h.cluster.current_leader() == "n2" and h.serving("n2") and h.holds("n2"), 30,
+                   "n2 to take over and serve")
+        promotions = [(e["node"], e["term"]) for e in h.cluster.all_events() if e["event"] == "promote"]
+        assert promotions[0][0] == "n1" and promotions[-1][0] == "n2"
+        [failed] = [e for e in h.cluster.agents["n1"].events() if e["event"] == "hook_failed"]
+        assert failed["hook"] == "promote"
+        time.sleep(3)  # two leases and preempt_delay: n1, the better node, does not take the role back
+        assert h.cluster.current_leader() == "n2" and not h.serving("n1") and not h.holds("n1")
+        assert h.dns(h.ip) == n2 and h.dhcp_servers() == [n2]
