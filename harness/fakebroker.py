@@ -22,7 +22,8 @@ asyncio queue (the in-process tier), ``harness.sim`` schedules it after a networ
 :class:`FakeMqtt` is ``hasync.transport`` over the model: ``FakeMqtt().connect`` is what
 ``Agent(connect=...)`` takes. Acknowledgements come on the next loop iteration (``ack_delay`` later if
 set); ``pause()`` hangs the broker (nothing delivered or acknowledged until ``resume()``), ``cut(client_id)``
-drops a connection abnormally (its will goes out), ``refuse`` makes connects fail.
+drops a connection abnormally (its will goes out), ``refuse`` makes connects fail, ``isolate(node)`` cuts one
+node off until ``reconnect_node(node)``.
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ class FakeMqtt:
         self.held: list[tuple[FakeSession, Incoming]] = []
         self.held_publishes: list[tuple[FakeSession, str, bytes, bool, Callable[[], None] | None]] = []
         self.connects = 0
+        self.unreachable: set[str] = set()  # nodes cut off from the broker: their connects fail
         self._unpaused = asyncio.Event()
         self._unpaused.set()
 
@@ -250,6 +252,8 @@ class FakeMqtt:
             raise self.refuse
         if self.paused:
             raise ConnectionLost("no CONNACK: the broker hangs")
+        if any(client_id.startswith(f"hasync-{node}-") for node in self.unreachable):
+            raise ConnectionLost("no route to the broker (cut off by the test)")
         session = FakeSession(self, client_id, will)
         self.sessions[client_id] = session
         self.connects += 1
@@ -275,6 +279,15 @@ class FakeMqtt:
         else:
             self.model.drop(session.client)
         session.end("connection reset (cut by the test)")
+
+    def isolate(self, node: str, *, will: bool = True) -> None:
+        """The node is cut off from the broker (and only it): its connection breaks and it cannot connect
+        again until ``reconnect_node``. ``will``: the broker notices and publishes its will."""
+        self.unreachable.add(node)
+        self.cut(node, will=will)
+
+    def reconnect_node(self, node: str) -> None:
+        self.unreachable.discard(node)
 
     def deafen(self, node: str) -> FakeSession:
         """The node's inbound path blocks (its publishes still go out) until ``hear()`` on the session."""

@@ -5,6 +5,10 @@ by the test listens there and the test reaches the nodes), and one namespace per
 on the bridge. A process started with ``lan.prefix(node)`` runs inside that node's namespace: its
 network faults (``iptables`` there, ``harness.netem``) touch nobody else. Names and the subnet are
 random per LAN, so tests may build several at once.
+
+Traffic between two namespaces crosses the bridge, and with ``br_netfilter`` loaded (Docker loads it, and sets
+the FORWARD policy to DROP) the host's iptables FORWARD chain sees it: ``Lan(..., forward=True)`` inserts one
+ACCEPT rule for this bridge's own traffic, and removes it with the LAN.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ def _subnets_in_use() -> set[int]:
 
 
 class Lan:
-    def __init__(self, nodes: Sequence[str]) -> None:
+    def __init__(self, nodes: Sequence[str], *, forward: bool = False) -> None:
         tag = secrets.token_hex(3)
+        self._forward = forward
         self.bridge = f"hsbr{tag}"
         self.namespaces = {node: f"hasync-{tag}-{node}" for node in nodes}
         self._nodes = list(nodes)
@@ -79,6 +84,9 @@ class Lan:
                 self._made.append(("link", self.bridge))
                 run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             run("ip", "link", "set", self.bridge, "up")
+            if self._forward:
+                run("iptables", "-I", "FORWARD", "1", *self._forward_rule())
+                self._made.append(("forward", self.bridge))
             for node, ns in self.namespaces.items():
                 run("ip", "netns", "add", ns)
                 self._made.append(("netns", ns))
@@ -95,11 +103,17 @@ class Lan:
 
     def close(self) -> None:
         for kind, name in reversed(self._made):
-            if kind == "netns":
+            if kind == "forward":
+                subprocess.run(["iptables", "-D", "FORWARD", *self._forward_rule()], capture_output=True,
+                               timeout=TOOL_TIMEOUT, check=False)
+            elif kind == "netns":
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
             else:
                 subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
         self._made.clear()
+
+    def _forward_rule(self) -> list[str]:
+        return ["-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT", "-m", "comment", "--comment", "hasync test LAN"]
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

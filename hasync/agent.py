@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Self
 from . import __version__, signing
 from . import heartbeat as heartbeats
 from .aio import Backoff, wait_or
-from .config import AgentConfig
+from .config import AgentConfig, HookEvent
 from .effects import EventLog, EventsFileError, RoleEffects
 from .election import (
     Action,
@@ -56,6 +56,7 @@ from .election import (
     Publish,
     RecordReceived,
     RepublishHeartbeat,
+    Resume,
     StepDown,
     TermLimit,
     Tick,
@@ -184,6 +185,7 @@ class Agent:
         self._next_primary_state = 0.0 if ha.discovery else float("inf")
         self._warned: set[tuple[str, str]] = set()
         self._entered = False
+        self._promote_failed = False  # stepped down after a failed promote hook: Resume after one that works
 
     def _floating_ips(self, netlink: Netlink | None, announcer: Announcer | None) -> FloatingIps:
         from . import vip  # (pyroute2 only once it is used)
@@ -449,11 +451,14 @@ class Agent:
     # ---- the election -------------------------------------------------------------------------
 
     def _handle(self, event: Event) -> list[Action]:
+        """The election's actions for ``event``; the kept resources see the event before they are carried out."""
         try:
-            return self.election.handle(event, self.clock())
+            actions = self.election.handle(event, self.clock())
         except Exception:
             self._internal_error(Part.ELECTION, f"the election failed on {type(event).__name__}; event dropped")
             return []
+        self.effects.observe(event)
+        return actions
 
     def _feed(self, event: Event) -> None:
         self._execute(self._handle(event))
@@ -532,7 +537,7 @@ class Agent:
         while True:
             self._feed(Tick())
             now = self.clock()
-            wake_at = self.election.next_wakeup(now)
+            wake_at = min(self.election.next_wakeup(now), self.effects.kept.next_wakeup())
             if self._session is not None:  # (while disconnected, nothing is due but the election's timers)
                 if now >= self._next_heartbeat:
                     self._publish_heartbeat()
@@ -639,6 +644,17 @@ class Agent:
         self.metrics.hooks.labels(result.event.value, (HookOutcome.OK if result.ok else HookOutcome.FAILED).value).inc()
         if not result.ok:
             self.effects.hook_failed(result.event, result.error or "")
+        if result.event is not HookEvent.PROMOTE or self.config.hooks.on_promote_failure != "handover":
+            return
+        if not result.ok and self.is_primary():
+            # The primary could not start what it serves (dnsmasq): let a node that can have the role. Like a
+            # step-down command, it holds its preemption back, until a promote hook of its own succeeds.
+            logger.error("the promote hook failed: stepping down (hooks.on_promote_failure: handover)")
+            self._promote_failed = True
+            self._feed(StepDown(f"promote hook failed: {result.error}"))
+        elif result.ok and self._promote_failed:
+            self._promote_failed = False
+            self._feed(Resume())
 
     # ---- outgoing -----------------------------------------------------------------------------
 
@@ -718,6 +734,7 @@ class Agent:
             },
             "sync": None if self.replica is None else self.replica.status(),
             "vip": None if self.vip is None else self.vip.status(),
+            "kept": self.effects.kept.status(),  # resources kept through a broker outage, if any
             "incarnation": self.incarnation,
             # Signed control messages required of every node: otherwise any client that may write the
             # cluster's topics can speak for any node.

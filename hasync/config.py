@@ -303,8 +303,18 @@ class HookEvent(enum.StrEnum):
     FAULT = "fault"
 
 
+class BrokerLoss(enum.StrEnum):
+    """What a resource of the primary (a floating IP, the role hooks) does when the primary loses the broker
+    (``hasync.kept``)."""
+
+    FENCED = "fenced"  # released at the renew deadline, with the lease
+    KEPT = "kept"  # held through the outage while no other node may be primary
+
+
 class HooksConfig(BaseModel):
-    """Shell commands to run on role changes; None disables a hook."""
+    """Shell commands to run on role changes; None disables a hook. ``on_broker_loss: kept``: a primary that
+    loses the broker does not run its demote hook until the kept resources are released (``hasync.kept``).
+    ``on_promote_failure: handover``: a promote hook that fails makes the primary step down."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -312,6 +322,8 @@ class HooksConfig(BaseModel):
     demote: str | None = None
     fault: str | None = None
     timeout: float = 30.0
+    on_broker_loss: BrokerLoss = BrokerLoss.FENCED
+    on_promote_failure: Literal["stay", "handover"] = "stay"
 
     @field_validator("promote", "demote", "fault")
     @classmethod
@@ -505,6 +517,7 @@ class VipAddress(_Model):
     address: str
     interface: str
     label: str | None = None  # IPv4 only: the kernel's label, "eth0" or "eth0:something"
+    on_broker_loss: BrokerLoss = BrokerLoss.FENCED
 
     @field_validator("address")
     @classmethod
@@ -612,6 +625,12 @@ class AgentConfig(_Model):
     events_file: Path | None = None
     signing: SigningConfig | None = None
     vip: list[VipAddress] = Field(default_factory=list)
+
+    @property
+    def keeps_resources(self) -> bool:
+        """Whether any resource is kept through a broker outage (``on_broker_loss: kept``)."""
+        return self.hooks.on_broker_loss is BrokerLoss.KEPT or any(
+            v.on_broker_loss is BrokerLoss.KEPT for v in self.vip)
 
     @field_validator("node_id")
     @classmethod

@@ -1,7 +1,10 @@
 """What a role change does outside the election: hooks, the events file, managed automations, the leader
 topic, and Home Assistant's view of this node (discovery and the primary sensor).
 
-The election decides; the agent carries its actions out through :class:`RoleEffects`. Work that waits
+The election decides; the agent carries its actions out through :class:`RoleEffects`. Which resources (the
+floating IPs, the role hooks) a role change acquires or releases is decided by ``hasync.kept``: a broker loss
+releases only the fenced ones, the kept ones later. The election's own state (the primary sensor, managed
+automations, the leader topic) always follows the role at once. Work that waits
 (a release that must follow the demote hook and the automations being switched off) runs on one worker,
 in the order it was asked for, inside the agent's task group (``run``): a later role change never
 overtakes an earlier one.
@@ -17,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from .config import AgentConfig, HookEvent
-from .election import DemotionCause
+from .config import AgentConfig, BrokerLoss, HookEvent
+from .election import Demoted, DemotionCause, Event, Promoted
 from .homeassistant.discovery import Discovery, primary_state
 from .homeassistant.errors import HomeAssistantError
+from .kept import Acquire, KeptResources, Release, Scope, reelection_grace
 from .messages import LeaderAnnouncement, LeaseRecord, Message, NodeRole
 from .metrics import Metrics
 from .publisher import Outgoing, Publisher
@@ -123,6 +127,9 @@ class RoleEffects:
         ha = config.homeassistant
         self.discovery = Discovery(topics, config.node_id, ha.discovery_prefix, config.election.renew_deadline,
                                    agent_version) if ha.discovery else None
+        self.kept = KeptResources(config.node_id, grace=reelection_grace(config.election.timing()),
+                                  keeps=config.keeps_resources)
+        self._hooks_kept = config.hooks.on_broker_loss is BrokerLoss.KEPT
         self._jobs: asyncio.Queue[_Release | _Switch] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -134,9 +141,7 @@ class RoleEffects:
         self.metrics.promotions.inc()
         self.metrics.is_primary.set(1)
         self._event("promote", term=term, deadline=deadline)
-        if self.vip is not None:
-            self.vip.promoted()
-        self._hook(HookEvent.PROMOTE, term, "elected")
+        self._resources(self.kept.handle(Promoted(term, deadline), self._clock()))
         self.switch_automations(True)
         self.publisher.put(self.topics.leader, LeaderAnnouncement(
             leader=self.config.node_id, term=term, sent_at=self._wall()).to_payload(), retain=True)
@@ -145,11 +150,14 @@ class RoleEffects:
         logger.warning("no longer primary (term %d): %s", term, reason)
         self.metrics.demotions.labels(cause.value).inc()
         self.metrics.is_primary.set(0)
-        if self.vip is not None:  # at once, whatever the hooks are doing: the renew deadline is the fencing point
-            self.vip.demoted()
         self._event("demote", term=term, cause=cause.value, reason=reason, acting_until=acting_until)
-        self._hook(HookEvent.DEMOTE, term, reason)
+        self._resources(self.kept.handle(Demoted(term, cause, reason, acting_until), self._clock()))
         self.switch_automations(False)
+
+    def observe(self, event: Event) -> None:
+        """Every event the election is fed, before the election's own actions are carried out: while this node
+        keeps resources through a broker outage, they tell ``hasync.kept`` when to release them."""
+        self._resources(self.kept.handle(event, self._clock()))
 
     def fault(self, term: int, reason: str) -> None:
         logger.warning("fault: %s", reason)
@@ -254,6 +262,45 @@ class RoleEffects:
             return
         if changed:
             logger.info("turned %d automations %s: %s", len(changed), "on" if enabled else "off", ", ".join(changed))
+
+    # ---- the resources ----------------------------------------------------------------------------
+
+    def _resources(self, actions: list[Acquire | Release]) -> None:
+        for action in actions:
+            match action:
+                case Acquire(term=term, scope=scope):
+                    if self.vip is not None:
+                        self.vip.promoted()  # adds what it does not hold; announces them all
+                    if scope is Scope.FENCED:
+                        logger.warning("elected again while still holding the kept resources (%s)", self._kept_names())
+                        self.metrics.kept.set(0)
+                    if self._includes_hooks(scope):
+                        self._hook(HookEvent.PROMOTE, term, "elected")
+                case Release(term=term, scope=scope, reason=reason):
+                    if scope is Scope.KEPT:
+                        logger.warning("releasing the resources kept through the broker outage (%s): %s",
+                                       self._kept_names(), reason)
+                        self.metrics.kept.set(0)
+                        self.metrics.kept_releases.inc()
+                        self._event("release_kept", term=term, reason=reason)
+                    elif scope is Scope.FENCED:
+                        logger.warning("lost the broker as primary: keeping %s until another node may be primary",
+                                       self._kept_names())
+                        self.metrics.kept.set(1)
+                        self._event("keep", term=term, reason=reason)
+                    if self.vip is not None:  # at once, whatever the hooks do: the renew deadline is the fencing point
+                        self.vip.demoted(keep=scope is Scope.FENCED)
+                    if self._includes_hooks(scope):
+                        self._hook(HookEvent.DEMOTE, term, reason)
+
+    def _includes_hooks(self, scope: Scope) -> bool:
+        return scope is Scope.ALL or (scope is Scope.KEPT) == self._hooks_kept
+
+    def _kept_names(self) -> str:
+        names = [vip.address for vip in self.config.vip if vip.on_broker_loss is BrokerLoss.KEPT]
+        if self._hooks_kept:
+            names.append("the role hooks")
+        return ", ".join(names)
 
     # ---- helpers --------------------------------------------------------------------------------
 

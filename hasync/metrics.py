@@ -42,6 +42,10 @@ class Metrics:
         self.echo = Histogram("hasync_renew_echo_seconds", "Time from sending a lease record to its echo",
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
                               registry=r)
+        self.kept = Gauge("hasync_kept", "1 while this node holds resources kept through a broker outage "
+                          "(on_broker_loss: kept) without being primary", registry=r)
+        self.kept_releases = Counter("hasync_kept_releases", "Times the resources kept through a broker outage "
+                                     "were released", registry=r)
         self.vip_held = Gauge("hasync_vip_held", "1 while this node holds the floating IP", ["address"], registry=r)
         self.vip_fault = Gauge("hasync_vip_fault", "1 while this node cannot hold its floating IPs (not eligible)",
                                registry=r)

@@ -34,7 +34,12 @@ configured addresses are on their interfaces; at every other moment they are not
 
 What is not covered: a process frozen (SIGSTOP) or killed while primary keeps its addresses until it
 resumes (and demotes at once, its deadline long past) or its next start; another host that answers for
-the same address is not detected. The addresses are fenced like every other effect of the primary role.
+the same address is not detected.
+
+**Broker loss.** An address is fenced by default: a broker loss is a demotion like any other. One with
+``on_broker_loss: kept`` stays through it (``demoted(keep=True)``) until ``hasync.kept`` decides that it must
+go (``demoted()`` again); re-elected meanwhile, the node adds only the addresses it let go of and announces
+them all again.
 
 The kernel is reached through two seams: ``Netlink`` (``PyRoute2Netlink``; pyroute2 is imported only
 when a floating IP is configured) and ``Announcer`` (``RawAnnouncer``: frames built here, sent on an
@@ -54,7 +59,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .aio import wait_or
-from .config import VipAddress
+from .config import BrokerLoss, VipAddress
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -251,6 +256,7 @@ class FloatingIps:
         self._clock = clock
         self._on_fault = on_fault
         self._want = False
+        self._keep = False  # not primary, but the kept addresses stay (a broker outage: hasync.kept)
         self._tenure = 0  # promotions so far; _added_for is the one whose addresses were added
         self._added_for = 0
         self._held: dict[str, VipAddress] = {}
@@ -270,12 +276,13 @@ class FloatingIps:
     # ---- from the role effects ----------------------------------------------------------------------
 
     def promoted(self) -> None:
-        self._want = True
+        self._want, self._keep = True, False
         self._tenure += 1
         self._wake.set()
 
-    def demoted(self) -> None:
-        self._want = False
+    def demoted(self, *, keep: bool = False) -> None:
+        """Remove the addresses; ``keep``: all but those kept through a broker outage."""
+        self._want, self._keep = False, keep
         self._announce_left = 0
         self._wake.set()
 
@@ -324,7 +331,7 @@ class FloatingIps:
         """Stop holding the addresses now (before a graceful release is published, and on the way out)."""
         self.demoted()
         async with self._lock:
-            await self._remove_held()
+            await self._remove_unwanted()
 
     async def run(self) -> None:
         while True:
@@ -333,14 +340,14 @@ class FloatingIps:
             now = self._clock()
             due = [self._next_check if not self._want and not self._held else float("inf"),
                    self._next_announce if self._want and self._announce_left else float("inf"),
-                   self._next_retry if not self._want and self._held else float("inf")]
+                   self._next_retry if self._unwanted() else float("inf")]
             await wait_or(self._wake, max(0.001, min(due) - now))  # (at least a millisecond: float rounding)
 
     async def _reconcile(self) -> None:
         if not self._want:
-            if self._held and self._clock() >= self._next_retry:
+            if self._unwanted() and self._clock() >= self._next_retry:
                 async with self._lock:
-                    await self._remove_held()
+                    await self._remove_unwanted()
             elif not self._held and self._fault is not None and self._clock() >= self._next_check:
                 await self.check()
             return
@@ -360,6 +367,8 @@ class FloatingIps:
             try:
                 await _bounded(self._netlink.add(vip))
             except VipError as exc:
+                if exc.kind is VipErrorKind.EXISTS and vip.address in self._held:
+                    continue  # kept through a broker outage (or not removed yet): ours already
                 self._failed(Operation.ADD, exc)
                 if exc.kind in (VipErrorKind.TIMEOUT, VipErrorKind.OTHER):
                     self._held[vip.address] = vip  # it may have been added after all: remove it to be sure
@@ -371,8 +380,15 @@ class FloatingIps:
             logger.info("floating IP: %s added on %s", vip.address, vip.interface)
         self._announce_left, self._next_announce = ANNOUNCE_COUNT, self._clock()
 
-    async def _remove_held(self) -> None:
-        for key, vip in list(self._held.items()):
+    def _wanted(self, vip: VipAddress) -> bool:
+        return self._want or (self._keep and vip.on_broker_loss is BrokerLoss.KEPT)
+
+    def _unwanted(self) -> list[VipAddress]:
+        return [vip for vip in self._held.values() if not self._wanted(vip)]
+
+    async def _remove_unwanted(self) -> None:
+        for vip in self._unwanted():
+            key = vip.address
             try:
                 removed = await _bounded(self._netlink.remove(vip))
             except VipError as exc:
