@@ -71,10 +71,11 @@ Fast paths
 
 After vacancy, eligible nodes claim in rank order (priority, then node id), ``claim_stagger`` apart,
 so the best node usually wins without a contest; when two do contest, the stream decides. At a cold
-start (this node has not seen a live renewal since it started), a better peer that is still observing
-(healthy, online, not in maintenance) counts in the rank too, and the node waits for the end of that
-peer's observation (at most one more lease): nodes that start together elect the best of them, rather
-than whichever claimed first and was preempted ``preempt_delay`` later.
+start (this node has not seen a live renewal since it started or last connected), a better peer that is
+still observing (healthy, online, not in maintenance) counts in the rank too, and the node waits for the
+end of that peer's observation (at most one more lease): nodes that start together, or reconnect together
+after a broker restart, elect the best of them, rather than whichever reconnected first and was preempted
+``preempt_delay`` later (which would also move resources a primary kept through the outage twice).
 
 Without signed messages (``hasync.signing``) both fast paths can be forged: a will or a release that
 the primary does not happen to receive lets another node take over while the primary still acts, until
@@ -580,6 +581,7 @@ class Election:
             case Connected(conn=conn):
                 self.conn = conn
                 self.role = Role.OBSERVING
+                self._cold = True  # a broker restart reconnects everyone at once: a cold start again
                 self._connected_at = now
                 self._last_activity = now
                 self._unstable(now)

@@ -205,6 +205,24 @@ def test_a_broker_restart_leaves_one_primary_and_terms_only_grow(keep_retained: 
     run(scenario)
 
 
+def test_after_a_broker_restart_the_best_node_wins_even_when_it_reconnects_last() -> None:
+    """Nodes reconnecting together after a broker restart elect the best of them (the cold-start rule), not
+    whichever reconnected first, to be preempted later (which moves leadership, and kept resources, twice)."""
+    async def scenario() -> None:
+        async with inprocess.cluster() as c:
+            await three(c)
+            t0 = vclock.clock()
+            c.fake.unreachable.add("n1")  # n1 comes back half a lease after the others
+            c.fake.restart()
+            await asyncio.sleep(LEASE / 2)
+            c.fake.reconnect_node("n1")
+            assert await c.wait_for_leader(timeout=3 * LEASE) == "n1"
+            await asyncio.sleep(LEASE + PREEMPT + 1)
+            assert [e["node"] for e in c.promotions(after=t0)] == ["n1"]
+
+    run(scenario)
+
+
 def test_a_hung_broker_makes_the_primary_stop_at_its_own_deadline() -> None:
     async def scenario() -> None:
         async with inprocess.cluster() as c:
