@@ -66,6 +66,8 @@ if TYPE_CHECKING:
     from pyroute2 import AsyncIPRoute
 
 logger = logging.getLogger(__name__)
+# pyroute2 logs every netlink message at DEBUG: at the agent's DEBUG level that drowns its own log.
+logging.getLogger("pyroute2").setLevel(logging.WARNING)
 R = TypeVar("R")
 
 ANNOUNCE_COUNT = 3
