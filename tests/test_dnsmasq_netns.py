@@ -106,9 +106,10 @@ def dnsmasq_conf(path: Path, node: str, lan: netns.Lan, vip_ip: str) -> None:
 
 @contextlib.contextmanager
 def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, *, broken: str | None = None,
-         **settings: object) -> Iterator[Home]:
+         dns_check: bool = False, **settings: object) -> Iterator[Home]:
     """n1 (best) and n2 running the recipe; yields once n1 holds the floating IP and serves (``broken``: that
-    node's dnsmasq.conf does not parse, and the test waits for nothing)."""
+    node's dnsmasq.conf does not parse, and the test waits for nothing; ``dns_check``: each node asks its own
+    dnsmasq, on the primary only, as examples/dnsmasq/hasync.yaml does)."""
     why = missing()
     if why is not None:
         pytest.skip(why)
@@ -129,8 +130,11 @@ def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, *, broken: str 
                         conf.write_text(conf.read_text() + "no-such-option\n")
                     hook = (f"DNSMASQ_CONTROL=pidfile DNSMASQ_CONF={conf} DNSMASQ_PIDFILE={pidfiles[node]} "
                             f"/bin/sh {RECIPE}")
+                    checks = [{"name": "dnsmasq-answers", "type": "dns", "server": lan.addresses[node],
+                               "query": "whoami.test", "expect": [lan.addresses[node]], "when": "primary",
+                               "interval": 0.5, "timeout": 0.5, "fall": 2}] if dns_check else []
                     cluster.add(node, priority=priority, command_prefix=lan.prefix(node),
-                                http={"host": lan.addresses[node]},
+                                http={"host": lan.addresses[node]}, health_checks=checks,
                                 vip=[{"address": vip, "interface": "eth0", "on_broker_loss": on_broker_loss}],
                                 hooks={"promote": hook, "demote": hook, "on_broker_loss": on_broker_loss,
                                        "on_promote_failure": "handover", "timeout": 10}, **settings)
@@ -257,3 +261,22 @@ def test_a_dnsmasq_that_does_not_start_hands_the_role_over(tmp_path: Path, topic
         time.sleep(3)  # two leases and preempt_delay: n1, the better node, does not take the role back
         assert h.cluster.current_leader() == "n2" and not h.serving("n1") and not h.holds("n1")
         assert h.dns(h.ip) == n2 and h.dhcp_servers() == [n2]
+
+
+def test_a_dnsmasq_that_stops_answering_on_the_primary_hands_the_role_over(tmp_path: Path,
+                                                                           topic_prefix: str) -> None:
+    """A check that runs only on the primary (``when: primary``) asks its own dnsmasq; killed, it stops
+    answering, the primary runs its fault hook and hands over, and n2 serves."""
+    with home(tmp_path, topic_prefix, "fenced", dns_check=True) as h:
+        n2 = h.lan.addresses["n2"]
+        time.sleep(2)  # the check has run on n1 (one interval of grace after the promotion, then every 0.5 s)
+        assert h.cluster.current_leader() == "n1"
+        os.kill(int(h.pidfiles["n1"].read_text()), 9)
+        died = time.monotonic()
+        assert h.cluster.wait_for_leader(10, after=died, exclude="n1") == "n2"
+        print(f"dnsmasq killed on the primary to n2 primary: {time.monotonic() - died:.2f} s")
+        [demotion] = [e for e in h.cluster.agents["n1"].events() if e["event"] == "demote"]
+        assert demotion["cause"] == "unhealthy" and "dnsmasq-answers" in demotion["reason"], demotion
+        assert [e for e in h.cluster.agents["n1"].events() if e["event"] == "fault"]
+        wait_until(lambda: h.serving("n2") and h.holds("n2") and h.dns(h.ip) == n2, 10, "n2 to serve")
+        assert not h.holds("n1")
