@@ -735,3 +735,6 @@ def test_the_example_configurations_are_valid(tmp_path: Path) -> None:
     assert {c.type for c in cfg.health_checks} >= {"http", "command", "interface", "dns"}
     assert any(c.weight for c in cfg.health_checks) and any(c.when == "primary" for c in cfg.health_checks)
     assert cfg.vip and cfg.events_file is not None
+    recipe = load_config(root / "dnsmasq" / "hasync.yaml", env={})
+    assert recipe.vip[0].on_broker_loss == "kept" and recipe.hooks.on_broker_loss == "kept"
+    assert [c.when for c in recipe.health_checks if c.type == "dns"] == ["primary"]
