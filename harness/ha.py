@@ -91,7 +91,8 @@ def ha_installed() -> bool:
     return (HA_VENV / "bin" / "hass").is_file() and HA_STAMP.is_file()
 
 
-def configuration(name: str, port: int, *, bulk_helpers: int = 0, recorder: bool = False) -> dict[str, Any]:
+def configuration(name: str, port: int, *, bulk_helpers: int = 0, recorder: bool = False,
+                  demo: bool = False) -> dict[str, Any]:
     """HA's configuration.yaml: a minimal core without default_config, plus the helpers the tests use.
 
     ``bulk_helpers``: that many more input_booleans, ``input_boolean.bulk_0000`` and on, off at start.
@@ -150,6 +151,9 @@ def configuration(name: str, port: int, *, bulk_helpers: int = 0, recorder: bool
     }
     config["input_boolean"].update({bulk_entity(i).partition(".")[2]: {"name": f"Bulk {i}"}
                                     for i in range(bulk_helpers)})
+    if demo:
+        # HA's demo integration: real lights, covers, climates, locks, fans... with devices and areas.
+        config["demo"] = None
     if recorder:
         # commit_interval 0: every state change is readable through the history API at once.
         config["recorder"] = {"commit_interval": 0}
@@ -165,12 +169,13 @@ class HomeAssistant:
     """One Home Assistant instance: config dir, process, onboarding, optional MQTT config entry.
 
     ``mqtt_port``: if given, ``start()`` adds the MQTT integration for a broker on 127.0.0.1 at that port
-    (once per config dir) and returns only when its config entry is loaded. ``bulk_helpers`` and
-    ``recorder`` go to ``configuration()``.
+    (once per config dir) and returns only when its config entry is loaded. ``bulk_helpers``, ``recorder``
+    and ``demo`` (HA's demo integration) go to ``configuration()``.
     """
 
     def __init__(
-        self, workdir: Path, *, name: str, mqtt_port: int | None = None, bulk_helpers: int = 0, recorder: bool = False
+        self, workdir: Path, *, name: str, mqtt_port: int | None = None, bulk_helpers: int = 0, recorder: bool = False,
+        demo: bool = False,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +183,7 @@ class HomeAssistant:
         self.mqtt_port = mqtt_port
         self.bulk_helpers = bulk_helpers
         self.recorder = recorder
+        self.demo = demo
         self.config_dir = workdir / "config"
         self.log_path = workdir / "hass.log"
         self.out_path = workdir / "hass.out"
@@ -360,7 +366,8 @@ class HomeAssistant:
 
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        config = configuration(self.name, self.port, bulk_helpers=self.bulk_helpers, recorder=self.recorder)
+        config = configuration(self.name, self.port, bulk_helpers=self.bulk_helpers, recorder=self.recorder,
+                               demo=self.demo)
         text = yaml.safe_dump(config, sort_keys=False)
         (self.config_dir / "configuration.yaml").write_text(text)
 

@@ -28,6 +28,10 @@ FIRST_START_REQUIREMENTS=(
   "janus==1.0.0"
   "psutil-home-assistant==0.0.1"
   "securetar==2024.2.1"
+  # The demo integration (federation tests: real lights, covers, climates, locks, fans...) depends on
+  # conversation.
+  "hassil==1.6.1"
+  "home-assistant-intents==2024.3.12"
 )
 
 venv=.cache/ha-venv
