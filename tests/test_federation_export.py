@@ -133,3 +133,15 @@ def test_no_registry_listing_makes_the_hub_raise(entities: Any, devices: Any, ar
     everything = Rules(domains=frozenset({"light", "switch", "sensor"}), areas=frozenset(area_map))
     for item in select(entries, device_map, area_map, Selection(include=everything)).values():
         discovery_message(HUB, item, "on", {})
+
+
+def test_entities_without_a_registry_entry_are_exported_only_when_named() -> None:
+    states = ["lock.front_door", "lock.shed", "light.kitchen", "media_player.tv"]
+    by_domain = select(ENTITIES, DEVICES, AREAS, Selection(include=Rules(domains=frozenset({"lock"}))), states)
+    assert "lock.front_door" in by_domain and "lock.shed" not in by_domain  # registered (shed: disabled)
+    plain = {"lock.garage": Entry("lock.garage")}
+    assert select({}, {}, {}, Selection(include=Rules(domains=frozenset({"lock"}))), plain) == {}
+    named = select({}, {}, {}, Selection(include=Rules(entity_globs=("lock.*",)),
+                                         exclude=Rules(entities=frozenset({"lock.back"}))),
+                   ["lock.garage", "lock.back", "media_player.tv"])
+    assert set(named) == {"lock.garage"} and uid(named["lock.garage"].entry).startswith("e")

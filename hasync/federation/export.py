@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,9 +181,22 @@ def exportable(entry: Entry) -> str | None:
 
 
 def select(entries: Mapping[str, Entry], devices: Mapping[str, Device], areas: Mapping[str, Area],
-           selection: Selection) -> dict[str, Exported]:
-    """The exported entities by entity id. An entity's area is its own, else its device's (as in HA)."""
+           selection: Selection, unregistered: Iterable[str] = ()) -> dict[str, Exported]:
+    """The exported entities by entity id. An entity's area is its own, else its device's (as in HA).
+
+    ``unregistered``: entity ids the hub's states list without a registry entry (no unique id). Nothing tells
+    where they came from (an MQTT entity made in YAML has none either), so they are exported only when named
+    by an entity id or a glob of ``include``, never by a domain; and without a registry entry they cannot be
+    renamed on the hub, so their entity id is a stable identity."""
     out = {}
+    for entity_id in unregistered:
+        if entity_id in entries or mapping.component(entity_id) is None:
+            continue
+        inc, exc = selection.include, selection.exclude
+        if entity_id in exc.entities or (entity_id not in inc.entities and exc._glob(entity_id)):
+            continue
+        if entity_id in inc.entities or inc._glob(entity_id):
+            out[entity_id] = Exported(Entry(entity_id), None, None)
     for entity_id, entry in entries.items():
         if exportable(entry) is not None:
             continue

@@ -202,8 +202,8 @@ def _light(a: Mapping[str, Any], t: Topics) -> dict[str, Any]:
     config: dict[str, Any] = {"schema": "json", "state_topic": t.state, "command_topic": t.command()}
     modes = _strings(a.get("supported_color_modes"))
     if modes and modes != ["onoff"]:
-        config["supported_color_modes"] = modes
-        config["brightness"] = True
+        # HA 2024.3 wants color_mode: true beside supported_color_modes (one inclusion group; later HA drops it).
+        config.update(supported_color_modes=modes, color_mode=True, brightness=True)
     if "color_temp" in modes:
         for key in ("min_mireds", "max_mireds"):
             if isinstance(a.get(key), int | float):
