@@ -74,6 +74,8 @@ from .topics import Topics
 from .transport import AuthFailure, Connect, ConnectionLost, Incoming, MqttFailure, Session, Will
 
 if TYPE_CHECKING:
+    from .config import FederationConfig, FederationRules
+    from .federation.hub import Exporter
     from .homeassistant.link import HomeAssistantLink
     from .homeassistant.websocket import OpenWebSocket
     from .sync.backend import Backend
@@ -100,6 +102,7 @@ class Part(enum.StrEnum):
     EFFECTS = "effects"
     SYNC = "sync"
     VIP = "vip"
+    FEDERATION = "federation"
 
 
 class ConnectFailure(enum.StrEnum):
@@ -113,6 +116,8 @@ class HookOutcome(enum.StrEnum):
 
 
 class Agent:
+    exporter: Exporter | None = None  # a federation hub's: created with the Home Assistant link
+
     def __init__(
         self,
         config: AgentConfig,
@@ -230,6 +235,8 @@ class Agent:
             loops.append((Part.SYNC, self.replica.run))
         if self.vip is not None:
             loops.append((Part.VIP, self.vip.run))
+        if self.exporter is not None:
+            loops.append((Part.FEDERATION, self.exporter.run))
         for part, loop in loops:
             self._tasks.append(group.create_task(self._supervised(part, loop), name=f"hasync[{self.node_id}].{part}"))
         return self
@@ -321,15 +328,48 @@ class Agent:
         ha = self.config.homeassistant
         assert ha.url is not None and ha.token is not None
         watch = backend if isinstance(backend, HomeAssistantBackend) else None
+        if self.config.federation is not None:
+            self.exporter = self._exporter(self.config.federation)
+        exporter = self.exporter
+
+        def on_states(states: list[dict[str, Any]]) -> None:
+            if watch is not None:
+                watch.on_states(states)
+
+        def on_state_changed(event: dict[str, Any]) -> None:
+            if watch is not None:
+                watch.on_state_changed(event)
+            if exporter is not None:
+                exporter.on_state_changed(event)
+
+        watching = watch is not None or exporter is not None
         self._ha = await stack.enter_async_context(HomeAssistantLink(
             ha.url, ha.token, on_change=self._on_ha_health, probe_topic=self.topics.ha_probe(self.node_id),
-            on_states=watch.on_states if watch else None,
-            on_state_changed=watch.on_state_changed if watch else None,
+            on_states=on_states if watching else None, on_state_changed=on_state_changed if watching else None,
             open_websocket=self._open_websocket, websocket_url=ha.websocket_url))
         if watch is not None:
             watch.link = self._ha
         if ha.managed_automations:
             self.effects.automations = AutomationSwitch(self._ha)
+
+    def _exporter(self, fed: FederationConfig) -> Exporter:
+        from .federation.export import Hub, Rules, Selection
+        from .federation.hub import Exporter
+
+        def rules(r: FederationRules) -> Rules:
+            return Rules(frozenset(r.domains), frozenset(r.entities), tuple(r.entity_globs), frozenset(r.devices),
+                         frozenset(r.areas))
+
+        hub = Hub(self.config.topic_prefix, self.config.cluster, self.config.homeassistant.discovery_prefix,
+                  __version__)
+
+        async def ha_command(message: dict[str, Any]) -> Any:
+            assert self._ha is not None
+            return await self._ha.command(message)
+
+        return Exporter(hub, Selection(rules(fed.include), rules(fed.exclude)), ha_command=ha_command,
+                        connect=self._connect, client_id=f"hasync-{self.node_id}-{self.incarnation}",
+                        metrics=self.metrics)
 
     async def _shutdown(self) -> None:
         """Hand over (the release waits for the demote hook and the automations), then the offline status."""
@@ -491,10 +531,14 @@ class Agent:
                         self.effects.release_after_hooks(record)
                 case Promoted(term=term, deadline=deadline):
                     self.effects.promoted(term, deadline)
+                    if self.exporter is not None:
+                        self.exporter.set_active(True)
                     if self._health is not None:
                         self._health.set_primary(True)
                 case Demoted(term=term, cause=cause, reason=reason, acting_until=until):
                     self.effects.demoted(term, cause, reason, until)
+                    if self.exporter is not None:
+                        self.exporter.set_active(False)
                     if self._health is not None:
                         self._health.set_primary(False)
                     damped = self.election.damped_until(self.clock())

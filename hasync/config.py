@@ -567,6 +567,22 @@ class VipAddress(_Model):
         return ipaddress.ip_interface(self.address).network.prefixlen
 
 
+class FederationRules(_Model):
+    domains: list[str] = Field(default_factory=list)
+    entities: list[str] = Field(default_factory=list)
+    entity_globs: list[str] = Field(default_factory=list)
+    devices: list[str] = Field(default_factory=list)  # device ids or names, as the hub's HA shows them
+    areas: list[str] = Field(default_factory=list)  # area ids or names
+
+
+class FederationConfig(_Model):
+    """This node's cluster is a hub: its Home Assistant's selected entities appear on a main instance
+    (``hasync.federation``). Nothing is exported unless included."""
+
+    include: FederationRules = FederationRules()
+    exclude: FederationRules = FederationRules()
+
+
 class HttpConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -624,6 +640,7 @@ class AgentConfig(_Model):
     log: LogConfig = LogConfig()
     events_file: Path | None = None
     signing: SigningConfig | None = None
+    federation: FederationConfig | None = None
     vip: list[VipAddress] = Field(default_factory=list)
 
     @property
@@ -686,6 +703,12 @@ class AgentConfig(_Model):
     def _own_key_listed(self) -> AgentConfig:
         if self.signing is not None and self.node_id not in self.signing.public_keys:
             raise ValueError(f"signing.public_keys must list this node ({self.node_id}) too")
+        return self
+
+    @model_validator(mode="after")
+    def _federation_needs_home_assistant(self) -> AgentConfig:
+        if self.federation is not None and (self.homeassistant.url is None or self.homeassistant.token is None):
+            raise ValueError("federation exports this node's Home Assistant: set homeassistant.url and token")
         return self
 
     @model_validator(mode="after")

@@ -32,6 +32,12 @@ class Metrics:
         self.connect_failures = Counter("hasync_mqtt_connect_failures", "Failed or lost connections",
                                         ["kind"], registry=r)
         self.healthy = Gauge("hasync_healthy", "1 while all health checks pass", registry=r)
+        self.federation_exported = Gauge("hasync_federation_exported", "Entities this hub exports (while primary)",
+                                         registry=r)
+        self.federation_commands = Counter("hasync_federation_commands", "Commands from main, by result",
+                                           ["result"], registry=r)
+        self.federation_dropped = Counter("hasync_federation_state_changes_dropped",
+                                          "State changes dropped because too many were waiting", registry=r)
         self.priority = Gauge("hasync_priority", "This node's priority, with its health checks' weights", registry=r)
         self.internal_errors = Counter("hasync_internal_errors", "Unexpected errors the agent caught and survived "
                                        "(bugs: each is logged with its traceback)", ["where"], registry=r)

@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from harness.agents import checked_cluster
 from harness.brokers import MosquittoProcess
 from harness.ha import HomeAssistant, StartHA
 from harness.wait import wait_until
@@ -198,3 +200,38 @@ def round_trips(main: HomeAssistant, fed: Federated) -> None:
     hub_ha.wait_for_state("input_number.test_level", "42.0")
     command(("select", "select_option", {"option": "night"}), "input_select.test_mode")
     hub_ha.wait_for_state("input_select.test_mode", "night")
+
+
+def test_a_hub_agent_exports_routes_commands_and_its_death_makes_main_show_unavailable(
+        start_ha: StartHA, mosquitto: MosquittoProcess, tmp_path: Path, topic_prefix: str) -> None:
+    """The agent as a hub: the selected entities on main, main's command run on the hub; kill -9 of the hub's
+    agent: main's copies unavailable (the export session's will), not deleted; a new agent: back."""
+    (hub_ha,) = start_ha("hub", demo=True, mqtt_port=mosquitto.port)
+    (main,) = start_ha("main", mqtt_port=mosquitto.port)
+    wanted = ["light.bed_light", "cover.living_room_window", "sensor.outside_temperature", "switch.ac"]
+    with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
+        hub_agent = cluster.add("hub1", homeassistant={"url": hub_ha.url, "token": hub_ha.token},
+                                federation={"include": {"entities": wanted}})
+        assert cluster.wait_for_leader(30) == "hub1"
+        copies = {e: f"{e.split('.')[0]}.test_{e.split('.')[1]}" for e in wanted}
+        for copy in copies.values():
+            main.wait_for_state(copy, lambda s: s is not None and s["state"] not in ("unavailable", "unknown"), 60)
+        assert main.get_state(copies["sensor.outside_temperature"])["state"] == (  # type: ignore[index]
+            hub_ha.get_state("sensor.outside_temperature")["state"])  # type: ignore[index]
+        assert hub_agent.metric("hasync_federation_exported") == len(wanted)
+        main.call_service("light", "turn_on", {"entity_id": copies["light.bed_light"], "brightness": 100})
+        hub_ha.wait_for_state("light.bed_light", lambda s: s is not None and s["attributes"]["brightness"] == 100, 15)
+        main.wait_for_state(copies["light.bed_light"], lambda s: s is not None and s["state"] == "on", 15)
+        main.call_service("switch", "turn_off", {"entity_id": copies["switch.ac"]})
+        hub_ha.wait_for_state("switch.ac", "off", 15)
+        assert hub_agent.metric("hasync_federation_commands_total", result="done") == 2
+
+        cluster.kill("hub1")
+        for copy in copies.values():
+            main.wait_for_state(copy, "unavailable", 30)
+        registry = {e["entity_id"] for e in main.websocket({"type": "config/entity_registry/list"})[0]}
+        assert set(copies.values()) <= registry  # unavailable, not deleted
+        cluster.agents["hub1"].start()
+        for copy in copies.values():
+            main.wait_for_state(copy, lambda s: s is not None and s["state"] != "unavailable", 60)
+        assert not [e for e in main.states() if e["entity_id"].endswith("_2")]  # no duplicates
