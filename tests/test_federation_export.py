@@ -25,9 +25,10 @@ from hasync.federation.export import (
 
 HUB = Hub("hasync", "radios", agent_version="0.1.0")
 KITCHEN, HALL = Area("kitchen", "Kitchen"), Area("hall", "Hall")
-STICK = Device("d1e5", "Kitchen lights", manufacturer="Signify", model="LCT015", sw_version="1.50", area_id="kitchen")
+STICK = Device("d1e5", "Kitchen lights", manufacturer="Signify", model="LCT015", sw_version="1.50", area_id="kitchen",
+               key="dhue00178801")
 ENTITIES = {
-    "light.kitchen": Entry("light.kitchen", "a1b2", "hue", device_id="d1e5"),
+    "light.kitchen": Entry("light.kitchen", "a1b2", "hue", "00:17:88:01-0b", device_id="d1e5"),
     "light.hall": Entry("light.hall", "c3d4", "hue", area_id="hall"),
     "sensor.kitchen_temperature": Entry("sensor.kitchen_temperature", "e5f6", "zha", device_id="d1e5"),
     "switch.copy_of_main": Entry("switch.copy_of_main", "0a0b", "mqtt"),
@@ -73,13 +74,17 @@ def test_mqtt_entities_disabled_ones_and_uncarried_domains_are_never_exported() 
 
 def test_identity_survives_a_rename_on_the_hub_and_is_never_the_source_identifier() -> None:
     before = Exported(ENTITIES["light.kitchen"], STICK, KITCHEN, KITCHEN)
-    after = Exported(Entry("light.kitchen_ceiling", "a1b2", "hue", device_id="d1e5"), STICK, KITCHEN, KITCHEN)
-    assert uid(before.entry) == uid(after.entry) == "a1b2"
+    after = Exported(Entry("light.kitchen_ceiling", "a1b2", "hue", "00:17:88:01-0b", device_id="d1e5"), STICK,
+                     KITCHEN, KITCHEN)
+    # The other node of a pair: its own registry ids, the same integration's unique id.
+    pair = Exported(Entry("light.kitchen", "ffff", "hue", "00:17:88:01-0b", device_id="d9"), STICK, KITCHEN,
+                    KITCHEN)
+    assert uid(before.entry) == uid(after.entry) == uid(pair.entry) != uid(Entry("light.x", "a1b2", "hue", "other"))
     topic1, config1 = discovery_message(HUB, before, "on", {"supported_color_modes": ["brightness"]})  # type: ignore[misc]
     topic2, config2 = discovery_message(HUB, after, "on", {"supported_color_modes": ["brightness"]})  # type: ignore[misc]
-    assert topic1 == topic2 == "homeassistant/light/hasync_fed_radios_a1b2/config"
+    assert topic1 == topic2 == f"homeassistant/light/hasync_fed_radios_{uid(before.entry)}/config"
     assert config1["unique_id"] == config2["unique_id"] and config1["command_topic"] == config2["command_topic"]
-    assert config1["device"]["identifiers"] == ["hasync_fed_radios_d1e5"]
+    assert config1["device"]["identifiers"] == ["hasync_fed_radios_dhue00178801"]
     assert uid(Entry("sensor.no_registry")) == uid(Entry("sensor.no_registry")) != uid(Entry("sensor.other"))
 
 
@@ -90,7 +95,7 @@ def test_the_discovery_message_carries_the_device_area_availability_and_origin()
     assert message is not None
     topic, config = message
     assert topic == "homeassistant/sensor/hasync_fed_radios_e5f6/config"
-    assert config["device"] == {"identifiers": ["hasync_fed_radios_d1e5"], "name": "Kitchen lights",
+    assert config["device"] == {"identifiers": ["hasync_fed_radios_dhue00178801"], "name": "Kitchen lights",
                                 "via_device": "hasync_fed_radios", "manufacturer": "Signify", "model": "LCT015",
                                 "sw_version": "1.50", "suggested_area": "Kitchen"}
     assert config["availability_mode"] == "all"
@@ -108,15 +113,18 @@ def test_the_discovery_message_carries_the_device_area_availability_and_origin()
 def test_registries_are_read_leniently() -> None:
     entries, devices, areas = parse_registries(
         [{"entity_id": "light.kitchen", "id": "A1B2", "platform": "hue", "device_id": "d1e5", "name": None,
+          "unique_id": "00:17:88:01-0b",
           "original_name": "Ceiling", "disabled_by": None, "new_field_from_a_newer_ha": 1},
          {"entity_id": "switch.x", "disabled_by": "user"}, {"entity_id": 5}, "junk", {"no": "id"}],
-        [{"id": "d1e5", "name": "Kitchen lights", "name_by_user": "Ceiling lamp", "area_id": "kitchen"}, 3],
+        [{"id": "d1e5", "name": "Kitchen lights", "name_by_user": "Ceiling lamp", "area_id": "kitchen",
+          "identifiers": [["hue", "00:17:88:01"]]}, {"id": "d2", "name": "Other", "identifiers": []}, 3],
         [{"area_id": "kitchen", "name": "Kitchen"}, {"name": "no id"}],
     )
     assert set(entries) == {"light.kitchen", "switch.x"}
     assert entries["light.kitchen"].original_name == "Ceiling" and entries["switch.x"].disabled
-    assert uid(entries["light.kitchen"]) == "a1b2"
+    assert uid(entries["light.kitchen"]) == uid(Entry("light.renamed", "other-id", "hue", "00:17:88:01-0b"))
     assert devices["d1e5"].name == "Ceiling lamp" and areas == {"kitchen": KITCHEN}
+    assert devices["d1e5"].identity.startswith("d") and devices["d1e5"].identity != devices["d2"].identity
     assert parse_registries(None, {"not": "a list"}, "x") == ({}, {}, {})
 
 

@@ -160,17 +160,21 @@ def round_trips(main: HomeAssistant, fed: Federated) -> None:
     """Domain by domain: a service call on main's copy, the command it publishes, the call on the hub."""
     hub_ha, copies = fed.hub_ha, fed.copies
 
-    def command(copy_service: tuple[str, str, dict[str, Any]], entity_id: str) -> None:
+    def command(copy_service: tuple[str, str, dict[str, Any]], entity_id: str, messages: int = 1) -> None:
         fed.broker.take()
         domain, service, data = copy_service
         main.call_service(domain, service, {"entity_id": copies[entity_id], **data})
-        wait_until(lambda: fed.broker.commands, 10, f"main's command for {copies[entity_id]}")
-        [(topic, payload)] = fed.broker.take()
-        what = topic.removeprefix(fed.hub.topics(fed.exported[entity_id].uid).command()).lstrip("/") or None
-        call = mapping.command(entity_id, fed.states[entity_id]["attributes"], what, payload)
-        assert isinstance(call, mapping.ServiceCall), (topic, payload, call)
-        hub_ha.call_service(call.domain, call.service, {"entity_id": call.entity_id, **call.data})
-        fed.publish_state(entity_id)
+        wait_until(lambda: len(fed.broker.commands) >= messages, 10, f"main's command for {copies[entity_id]}")
+        taken = fed.broker.take()
+        assert len(taken) == messages, taken
+        for topic, payload in taken:
+            what = topic.removeprefix(fed.hub.topics(fed.exported[entity_id].uid).command()).lstrip("/") or None
+            attributes = fed.states[entity_id]["attributes"]
+            call = mapping.command(entity_id, attributes, what, payload)
+            assert isinstance(call, mapping.ServiceCall), (topic, payload, call)
+            hub_ha.call_service(call.domain, call.service, {"entity_id": call.entity_id, **call.data})
+            attributes.update(call.data)  # as the exporter does: the next command of a pair sees this one
+            fed.publish_state(entity_id)
 
     command(("light", "turn_on", {"brightness": 128}), "light.bed_light")
     hub_ha.wait_for_state("light.bed_light", lambda s: s is not None and s["attributes"]["brightness"] == 128)
@@ -189,7 +193,10 @@ def round_trips(main: HomeAssistant, fed: Federated) -> None:
     main.wait_for_state(copies["lock.front_door"], "unlocked")
     command(("climate", "set_hvac_mode", {"hvac_mode": "cool"}), "climate.ecobee")
     hub_ha.wait_for_state("climate.ecobee", "cool")
-    command(("climate", "set_temperature", {"target_temp_low": 20, "target_temp_high": 25}), "climate.ecobee")
+    # Main sends a range as two commands (low, then high): the second must not undo the first.
+    command(("climate", "set_temperature", {"target_temp_low": 20, "target_temp_high": 25}), "climate.ecobee", 2)
+    hub_ha.wait_for_state("climate.ecobee", lambda s: s is not None and s["attributes"]["target_temp_low"] == 20
+                          and s["attributes"]["target_temp_high"] == 25)
     command(("fan", "set_percentage", {"percentage": 66}), "fan.living_room_fan")
     hub_ha.wait_for_state("fan.living_room_fan", lambda s: s is not None and s["attributes"]["percentage"] == 66)
     command(("switch", "turn_off", {}), "switch.decorative_lights")
@@ -235,3 +242,36 @@ def test_a_hub_agent_exports_routes_commands_and_its_death_makes_main_show_unava
         for copy in copies.values():
             main.wait_for_state(copy, lambda s: s is not None and s["state"] != "unavailable", 60)
         assert not [e for e in main.states() if e["entity_id"].endswith("_2")]  # no duplicates
+
+
+def test_a_hub_that_is_an_ha_pair_fails_over_without_main_noticing_more_than_a_blip(
+        start_ha: StartHA, mosquitto: MosquittoProcess, tmp_path: Path, topic_prefix: str) -> None:
+    """Two hub nodes (each its own HA with the demo, the same entities), one cluster: only the primary exports;
+    kill -9 of it: the other exports the same identities, main keeps its entities (ids, no duplicates), and the
+    next command runs once, on the new primary's HA."""
+    hub_a, hub_b = start_ha("hub_a", "hub_b", demo=True, mqtt_port=mosquitto.port)
+    (main,) = start_ha("main", mqtt_port=mosquitto.port)
+    wanted = {"entities": ["switch.ac", "light.bed_light"]}
+    with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
+        cluster.add("a", priority=200, homeassistant={"url": hub_a.url, "token": hub_a.token}, federation={
+            "include": wanted})
+        cluster.add("b", priority=100, homeassistant={"url": hub_b.url, "token": hub_b.token}, federation={
+            "include": wanted})
+        assert cluster.wait_for_leader(30) == "a"
+        main.wait_for_state("switch.test_ac", "off", 60)  # the demo's air conditioner starts off
+        before = {e["entity_id"]: e["unique_id"] for e in main.websocket({"type": "config/entity_registry/list"})[0]
+                  if e["unique_id"].startswith("hasync_fed_")}
+        assert set(before) == {"switch.test_ac", "light.test_bed_light"}
+        assert cluster.agents["b"].metric("hasync_federation_exported") == 0  # the standby exports nothing
+
+        killed = cluster.kill("a")
+        assert cluster.wait_for_leader(15, after=killed, exclude="a") == "b"
+        wait_until(lambda: cluster.agents["b"].metric("hasync_federation_exported") == 2, 15, "b to export")
+        main.call_service("switch", "turn_on", {"entity_id": "switch.test_ac"})
+        hub_b.wait_for_state("switch.ac", "on", 15)
+        assert hub_a.get_state("switch.ac")["state"] == "off"  # type: ignore[index]  # once, on the new primary
+        main.wait_for_state("switch.test_ac", "on", 15)
+        assert cluster.agents["b"].metric("hasync_federation_commands_total", result="done") == 1
+        after = {e["entity_id"]: e["unique_id"] for e in main.websocket({"type": "config/entity_registry/list"})[0]
+                 if e["unique_id"].startswith("hasync_fed_")}
+        assert after == before  # the same entities on main: ids and unique ids

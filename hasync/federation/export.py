@@ -4,13 +4,15 @@ A hub reads its Home Assistant's registries (entities, devices, areas) and state
 entities are exported (default deny), ``Exported`` is one of them with its identity, and ``discovery_message``
 is the retained discovery config main's MQTT integration turns into a first-class entity.
 
-Identity. An entity's ``uid`` is its entity registry id (a UUID that survives a rename of the entity on the
-hub), so main's entity keeps its history, area and dashboards when the hub renames it; an entity without a
-registry entry (no unique id on the hub) is named by its entity id. Discovery unique ids and device
-identifiers are hasync's own, ``hasync_fed_<cluster>_<uid>`` and ``hasync_fed_<cluster>_<device id>``: never
-the source's raw identifiers, which would merge main's copy with the same device integrated on main itself.
-Every device is ``via_device`` the hub (``hasync_fed_<cluster>``), whose status topic is in every entity's
-availability.
+Identity. An entity's ``uid`` comes from its integration's unique id (a hash of platform and unique id): it
+survives a rename of the entity on the hub, so main's entity keeps its history, area and dashboards, and it
+is the same on both nodes of a hub that is an HA pair (the entity registry's own id is not: each instance
+makes its own), so a failover changes nothing on main. An entity without a unique id (no registry entry, so
+it cannot be renamed either) is named by its entity id. Discovery unique ids and device identifiers are
+hasync's own, ``hasync_fed_<cluster>_<uid>`` and ``hasync_fed_<cluster>_<device key>`` (a hash of the device's
+identifiers: the same on both nodes of a pair), never the source's raw identifiers, which would merge main's
+copy with the same device integrated on main itself. Every device is ``via_device`` the hub
+(``hasync_fed_<cluster>``), whose status topic is in every entity's availability.
 
 No loops. Entities that came from MQTT (other hubs' exports, federated copies, Zigbee2MQTT's, hasync's own
 entities) are never exported, whatever the selection says: a hub that also reads the discovery prefix, or two
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -89,13 +92,18 @@ class Area:
 
 @dataclass(frozen=True)
 class Device:
-    id: str
+    id: str  # the hub's device registry id (selection by device names it, or the name)
     name: str
     manufacturer: str | None = None
     model: str | None = None
     sw_version: str | None = None
     hw_version: str | None = None
     area_id: str | None = None
+    key: str = ""  # its identity on main: a hash of its identifiers (parse_registries), else of its id
+
+    @property
+    def identity(self) -> str:
+        return self.key or "d" + hashlib.sha256(self.id.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class Entry:
     entity_id: str
     registry_id: str | None = None
     platform: str | None = None
+    unique_id: str | None = None  # the integration's, stable across renames and across the instances of a pair
     device_id: str | None = None
     area_id: str | None = None
     name: str | None = None  # the user's name for it on the hub
@@ -118,7 +127,9 @@ _UID = re.compile(r"[^a-z0-9]")
 
 
 def uid(entry: Entry) -> str:
-    """The entity's identity in topics and unique ids: its registry id, stable across renames."""
+    """The entity's identity in topics and unique ids (see the module's docstring)."""
+    if entry.platform and entry.unique_id:
+        return "u" + hashlib.sha256(f"{entry.platform}\0{entry.unique_id}".encode()).hexdigest()[:24]
     if entry.registry_id:
         return _UID.sub("", entry.registry_id.lower())[:32] or _hashed(entry.entity_id)
     return _hashed(entry.entity_id)
@@ -250,7 +261,7 @@ def _hub_device(hub: Hub) -> dict[str, Any]:
 
 
 def _device(hub: Hub, device: Device, area: Area | None) -> dict[str, Any]:
-    block: dict[str, Any] = {"identifiers": [f"{hub.identifier}_{_UID.sub('', device.id.lower())[:32]}"],
+    block: dict[str, Any] = {"identifiers": [f"{hub.identifier}_{device.identity}"],
                              "name": device.name, "via_device": hub.identifier}
     for key in ("manufacturer", "model", "sw_version", "hw_version"):
         value = getattr(device, key)
@@ -280,6 +291,7 @@ def parse_registries(entities: Any, devices: Any, areas: Any
             continue
         entries[entity_id] = Entry(
             entity_id, registry_id=_text(item, "id"), platform=_text(item, "platform"),
+            unique_id=_text(item, "unique_id"),
             device_id=_text(item, "device_id"), area_id=_text(item, "area_id"), name=_text(item, "name"),
             original_name=_text(item, "original_name"), icon=_text(item, "icon") or _text(item, "original_icon"),
             entity_category=_text(item, "entity_category"), disabled=bool(item.get("disabled_by")))
@@ -288,8 +300,11 @@ def parse_registries(entities: Any, devices: Any, areas: Any
         device_id = _text(item, "id") if isinstance(item, dict) else None
         if device_id is None:
             continue
+        identifiers = item.get("identifiers")
+        pairs = sorted(json.dumps(i) for i in identifiers) if isinstance(identifiers, list) and identifiers else []
         device_map[device_id] = Device(
             device_id, name=_text(item, "name_by_user") or _text(item, "name") or device_id,
+            key="d" + hashlib.sha256("\0".join(pairs).encode()).hexdigest()[:24] if pairs else "",
             manufacturer=_text(item, "manufacturer"), model=_text(item, "model"),
             sw_version=_text(item, "sw_version"), hw_version=_text(item, "hw_version"),
             area_id=_text(item, "area_id"))

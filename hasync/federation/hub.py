@@ -213,6 +213,9 @@ class Exporter:
             logger.warning("federation: %s.%s on %s failed: %s", call.domain, call.service, entity_id, exc)
             session.send(result_topic, _result("failed", str(exc)[:300]), retain=False)
             return
+        # Until HA's state change comes back, the next command sees this one's values: main sends a climate's
+        # range as two commands (low, then high), and the second must not put the first end back.
+        self._attributes[entity_id] = {**self._attributes.get(entity_id, {}), **call.data}
         self._count("done")
         session.send(result_topic, _result("done", f"{call.domain}.{call.service}"), retain=False)
 
