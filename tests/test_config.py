@@ -738,3 +738,12 @@ def test_the_example_configurations_are_valid(tmp_path: Path) -> None:
     recipe = load_config(root / "dnsmasq" / "hasync.yaml", env={})
     assert recipe.vip[0].on_broker_loss == "kept" and recipe.hooks.on_broker_loss == "kept"
     assert [c.when for c in recipe.health_checks if c.type == "dns"] == ["primary"]
+    hub = load_config(root / "federation" / "hub.yaml", env={})
+    assert hub.federation is not None and hub.federation.include.areas == ["Kitchen", "Hall", "Garden"]
+
+
+def test_federation_needs_home_assistant_and_rejects_unknown_keys() -> None:
+    assert "federation exports this node's Home Assistant: set homeassistant.url and token" in config_error(
+        federation={"include": {"domains": ["light"]}})
+    assert "federation.include.rooms" in config_error(
+        federation={"include": {"rooms": ["x"]}}, homeassistant={"url": "http://h:8123", "token": "t"})
