@@ -82,7 +82,7 @@ def test_identity_survives_a_rename_on_the_hub_and_is_never_the_source_identifie
     assert uid(before.entry) == uid(after.entry) == uid(pair.entry) != uid(Entry("light.x", "a1b2", "hue", "other"))
     topic1, config1 = discovery_message(HUB, before, "on", {"supported_color_modes": ["brightness"]})  # type: ignore[misc]
     topic2, config2 = discovery_message(HUB, after, "on", {"supported_color_modes": ["brightness"]})  # type: ignore[misc]
-    assert topic1 == topic2 == f"homeassistant/light/hasync_fed_radios_{uid(before.entry)}/config"
+    assert topic1 == topic2 == f"homeassistant/light/hasync_fed_radios/{uid(before.entry)}/config"
     assert config1["unique_id"] == config2["unique_id"] and config1["command_topic"] == config2["command_topic"]
     assert config1["device"]["identifiers"] == ["hasync_fed_radios_dhue00178801"]
     assert uid(Entry("sensor.no_registry")) == uid(Entry("sensor.no_registry")) != uid(Entry("sensor.other"))
@@ -94,7 +94,7 @@ def test_the_discovery_message_carries_the_device_area_availability_and_origin()
                                                      "friendly_name": "Kitchen lights Temperature"})
     assert message is not None
     topic, config = message
-    assert topic == "homeassistant/sensor/hasync_fed_radios_e5f6/config"
+    assert topic == f"homeassistant/sensor/hasync_fed_radios/{uid(entity.entry)}/config"
     assert config["device"] == {"identifiers": ["hasync_fed_radios_dhue00178801"], "name": "Kitchen lights",
                                 "via_device": "hasync_fed_radios", "manufacturer": "Signify", "model": "LCT015",
                                 "sw_version": "1.50", "suggested_area": "Kitchen"}

@@ -252,7 +252,9 @@ def discovery_message(hub: Hub, exported: Exported, state: str,
         config["icon"] = entry.icon
     if entry.entity_category in ("config", "diagnostic"):
         config["entity_category"] = entry.entity_category
-    return f"{hub.discovery_prefix}/{component}/{unique}/config", config
+    # The hub's own node level (<prefix>/<component>/<node id>/<object id>/config): a broker ACL can give a
+    # hub's user its configs and nothing else's (a `+` cannot match part of a level).
+    return f"{hub.discovery_prefix}/{component}/{hub.identifier}/{exported.uid}/config", config
 
 
 def _hub_device(hub: Hub) -> dict[str, Any]:
