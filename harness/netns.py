@@ -48,6 +48,13 @@ def _subnets_in_use() -> set[int]:
     return {int(m) for m in re.findall(r"\b10\.213\.(\d+)\.", run("ip", "-br", "addr"))}
 
 
+def _bridge_calls_iptables() -> bool:
+    try:
+        return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip() == "1"
+    except OSError:
+        return False  # br_netfilter not loaded: bridged frames skip iptables
+
+
 class Lan:
     def __init__(self, nodes: Sequence[str]) -> None:
         tag = secrets.token_hex(3)
@@ -65,6 +72,10 @@ class Lan:
     def run_in(self, node: str, *argv: str) -> str:
         return run(*self.prefix(node), *argv)
 
+    def veth(self, node: str) -> str:
+        """The bridge's end of the node's link, in the test's own namespace: set it down to pull the cable."""
+        return self._veths[node]
+
     def __enter__(self) -> Self:
         try:
             with LOCK.open("a") as lock:
@@ -79,6 +90,12 @@ class Lan:
                 self._made.append(("link", self.bridge))
                 run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             run("ip", "link", "set", self.bridge, "up")
+            if _bridge_calls_iptables():
+                # br_netfilter (loaded by Docker) sends bridged frames through this namespace's FORWARD chain,
+                # whose policy Docker sets to DROP: node-to-node traffic would vanish. Our bridge's own is let
+                # through, above Docker's rules; close() removes the rule.
+                run("iptables", "-I", "FORWARD", "1", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")
+                self._made.append(("forward", self.bridge))
             for node, ns in self.namespaces.items():
                 run("ip", "netns", "add", ns)
                 self._made.append(("netns", ns))
@@ -95,7 +112,10 @@ class Lan:
 
     def close(self) -> None:
         for kind, name in reversed(self._made):
-            if kind == "netns":
+            if kind == "forward":
+                subprocess.run(["iptables", "-D", "FORWARD", "-i", name, "-o", name, "-j", "ACCEPT"],
+                               capture_output=True, timeout=TOOL_TIMEOUT, check=False)
+            elif kind == "netns":
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
             else:
                 subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=TOOL_TIMEOUT, check=False)
