@@ -12,7 +12,8 @@ MAC its ARP entry for the floating IP points at), and the client's probes. Every
 ``time.monotonic()`` (``ip``'s wall-clock stamps are converted), one clock for every namespace.
 
 ``Home.measure(system, fault)`` waits until the pair is steady, injects the fault into the node that
-holds the address, waits until the other node answers the client, lifts the fault (restarts, thaws,
+holds the address, waits until the other node answers the client, lets the fault stand for ``hold``
+seconds more, lifts it (restarts, thaws,
 plugs the cable back, heals the cut) and waits until the pair is steady again; harness.timeline turns
 the records of that window into a ``Sample``. Every wait is bounded; ``Home.close`` (or leaving the
 ``with``) stops every process it started, by its own handle, and deletes the namespaces, whose
@@ -580,7 +581,7 @@ class Sample:
     outage: float  # the longest run of failed requests the fault caused (0: none failed)
     restore_outage: float  # the same, once the fault was lifted, until steady again
     two_holders: float  # both nodes had the floating IP configured (fault → steady again)
-    both_answered: float  # from the new holder's first answer to the old one's last answer after it
+    both_answered: float  # the new holder's first answer → the old one's last answer after it, until lifted
     arp: float | None  # fault → the client's ARP entry on the new holder's MAC
     final: str  # the holder once steady again
 
@@ -599,8 +600,10 @@ class Home:
     """``with Home(workdir) as home:`` builds the LAN, the broker, the HA stand-ins, the observers and the
     client; a system (``HasyncPair(home)``, ``KeepalivedPair(home)``) is started and closed within it."""
 
-    def __init__(self, workdir: Path, *, probe_interval: float = 0.025) -> None:
+    def __init__(self, workdir: Path, *, probe_interval: float = 0.025, hold: float = 1.0) -> None:
+        """``hold``: seconds a fault stands after the other node answers, before it is lifted."""
         self.workdir = workdir
+        self.hold = hold
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.probe_interval = probe_interval
         self._stack = contextlib.ExitStack()
@@ -707,6 +710,9 @@ class Home:
         added = self.monitors[new].added_after(t_fault)
         over = answered_by(self.client.attempts, new, added if added is not None else t_fault)
         assert over is not None
+        # The fault stands a while after the failover (the observation window, not a wait for an event): a
+        # node that cannot let go (killed, frozen, cut off) shows as two holders for at least this long.
+        time.sleep(self.hold)
         t_restore = time.monotonic()
         system.restore(fault, old)
         final = self.steady(system, t_restore)
@@ -720,7 +726,7 @@ class Home:
             restore_outage=max((o.seconds(t_end) for o in runs if o.start >= t_restore), default=0.0),
             two_holders=two_holders(self.monitors[NODES[0]].changes, self.monitors[NODES[1]].changes,
                                     t_fault, t_end),
-            both_answered=0.0 if new == old else both_answered(attempts, old, new, t0=t_fault, t1=t_end),
+            both_answered=0.0 if new == old else both_answered(attempts, old, new, t0=t_fault, t1=t_restore),
             arp=None if switched is None else switched - t_fault,
             final=final)
 
