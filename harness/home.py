@@ -346,7 +346,9 @@ class HasyncPair:
 
     def start(self) -> None:
         home = self.home
-        self.cluster = Cluster(home.workdir / "agents", home.broker.url, f"home-{secrets.token_hex(3)}")
+        # A directory and topic prefix per pair: a pair started for the next fault reads only its own events.
+        tag = secrets.token_hex(3)
+        self.cluster = Cluster(home.workdir / f"hasync-{tag}", home.broker.url, f"home-{tag}")
         for node, priority in zip(NODES, (200, 150), strict=True):
             self.cluster.add(
                 node, priority=priority, preempt=False, command_prefix=home.lan.prefix(node),
