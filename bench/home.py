@@ -162,7 +162,7 @@ def measure(home: Home, system: System, fault: Fault, runs: int, log: Callable[[
                 found.append(sample)
                 log(f"{NAME} {system.name} {fault} {i + 1}/{runs}: {sample.old} -> {sample.new}, outage "
                     f"{sample.outage * 1000:.0f} ms, two holders {sample.two_holders * 1000:.0f} ms, answered "
-                    f"after {sample.failover * 1000:.0f} ms")
+                    f"after {sample.failover * 1000:.0f} ms, outage when lifted {sample.restore_outage * 1000:.0f} ms")
     except Exception:
         log(f"{NAME} {system.name} {fault} FAILED:\n{traceback.format_exc()}\n{out.getvalue()}")
         raise
