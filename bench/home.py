@@ -59,15 +59,16 @@ METHOD = (
     f"(224.0.0.18, keepalived's default; it crosses a Linux bridge between namespaces), `advert_int "
     f"{ADVERT_INT:g}`, n1 `state MASTER` priority 150, n2 `BACKUP` 100 (so it preempts back), a `vrrp_script` "
     "running `curl` against the local stand-in every 2 s (fall 2, rise 2) in `track_script`, no fencing. "
-    "Each run waits until the pair is steady (one holder, the client answered by it and its ARP entry on "
-    "its MAC, and a quiet period: a lease + 1.5 s for hasync, 3 advert_int + 1 s for keepalived), "
+    "Each run waits until the pair is steady (one holder, the client's last answers all from it, and a "
+    "quiet period: a lease + 1.5 s for hasync, 3 advert_int + 1 s for keepalived), "
     "injects the fault into the holder, waits for the other node to answer the client, lets the fault "
     f"stand {HOLD:g} s more, lifts it (restart, SIGCONT, link up, rules removed) and waits until steady "
     "again. **Outage**: the longest time between two answers' arrivals during which requests failed, from "
     "the fault until the fault is lifted (0: no request failed). **Two holders**: the time both nodes had "
     "the address configured, from the fault until steady again; where the old holder cannot act (killed, "
     f"frozen) it lasts until the fault is lifted, so about the failover + {HOLD:g} s by construction. "
-    "**ARP**: from the fault to the client's entry for the address pointing at the new holder's MAC.")
+    "**ARP**: from the fault to the client's entry for the address pointing at the new holder's MAC, as "
+    "`ip monitor neigh` reported it (runs where it did, of those where the holder changed).")
 
 
 def _ms(values: Sequence[float]) -> list[float]:

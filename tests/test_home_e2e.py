@@ -102,7 +102,7 @@ def test_link_down(home: Home, pair: System) -> None:
         assert MASTER_DOWN - ADVERT_INT - 0.1 <= sample.outage <= MASTER_DOWN + 1.0
 
 
-@pytest.mark.timeout(180)  # keepalived: the client may stay on the backup's MAC after the heal, up to ~60 s
+@pytest.mark.timeout(120)
 def test_cut(home: Home, pair: System) -> None:
     """hasync: the primary cut off from the broker only; keepalived: the two nodes from each other."""
     sample = measured(home, pair, Fault.CUT)
