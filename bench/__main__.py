@@ -30,12 +30,15 @@ REPRODUCE = """\
 ./scripts/bench --full                      # everything, about 40 min (installs Mosquitto and HA first)
 ./scripts/bench --quick                     # a few runs of each, a few minutes
 ./scripts/bench --only failover-kill-mosquitto footprint --runs 10 --out /tmp/B.md
+./scripts/bench --only home-keepalived --runs 5 --out /tmp/B.md   # the two-node home against keepalived, ~12 min
 .venv/bin/python -m bench --list            # the scenarios
 ```
 
 `--only` takes scenario names or shell patterns (`'failover-*'`); `--runs` overrides every scenario's
 number of runs. Each scenario starts its own broker on a free port and its own agents (real
-processes, `harness/agents.py`), so nothing on the machine needs to be stopped first."""
+processes, `harness/agents.py`), so nothing on the machine needs to be stopped first. `home-keepalived`
+needs root (network namespaces, iptables) and keepalived, which `./scripts/bench` installs without
+starting a system one; without them it reports a placeholder row."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -73,6 +73,7 @@ class Result:
     failures: list[str] = field(default_factory=list)
     overlap: tuple[int, int, float] | None = None  # runs checked, runs with overlap, max overlap (s)
     seconds: float = 0.0
+    extra: str = ""  # Markdown printed after the rows (e.g. a side-by-side comparison)
 
     def missed(self) -> list[Row]:
         return [r for r in self.rows if r.verdict() == "**MISSED**"]
@@ -241,6 +242,8 @@ class Report:
                 out += [result.method, ""]
             if result.rows:
                 out += [table(result.rows), ""]
+            if result.extra:
+                out += [result.extra, ""]
             out += [f"- {n}" for n in result.notes]
             out += [f"- ❌ **{f}**" for f in result.failures]
             if result.seconds >= 0.5:

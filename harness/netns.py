@@ -7,8 +7,9 @@ network faults (``iptables`` there, ``harness.netem``) touch nobody else. Names 
 random per LAN, so tests may build several at once.
 
 Traffic between two namespaces crosses the bridge, and with ``br_netfilter`` loaded (Docker loads it, and sets
-the FORWARD policy to DROP) the host's iptables FORWARD chain sees it: ``Lan(..., forward=True)`` inserts one
-ACCEPT rule for this bridge's own traffic, and removes it with the LAN.
+the FORWARD policy to DROP) the host's iptables FORWARD chain sees it: the LAN then inserts one ACCEPT rule for
+this bridge's own traffic (``forward``: None, the default, when bridged frames go through iptables; True or
+False to force it), and removes it with the LAN.
 """
 
 from __future__ import annotations
@@ -52,8 +53,15 @@ def _subnets_in_use() -> set[int]:
     return {int(m) for m in re.findall(r"\b10\.213\.(\d+)\.", run("ip", "-br", "addr"))}
 
 
+def _bridge_calls_iptables() -> bool:
+    try:
+        return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip() == "1"
+    except OSError:
+        return False  # br_netfilter not loaded: bridged frames skip iptables
+
+
 class Lan:
-    def __init__(self, nodes: Sequence[str], *, forward: bool = False) -> None:
+    def __init__(self, nodes: Sequence[str], *, forward: bool | None = None) -> None:
         tag = secrets.token_hex(3)
         self._forward = forward
         self.bridge = f"hsbr{tag}"
@@ -70,6 +78,10 @@ class Lan:
     def run_in(self, node: str, *argv: str) -> str:
         return run(*self.prefix(node), *argv)
 
+    def veth(self, node: str) -> str:
+        """The bridge's end of the node's link, in the test's own namespace: set it down to pull the cable."""
+        return self._veths[node]
+
     def __enter__(self) -> Self:
         try:
             with LOCK.open("a") as lock:
@@ -84,7 +96,10 @@ class Lan:
                 self._made.append(("link", self.bridge))
                 run("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             run("ip", "link", "set", self.bridge, "up")
-            if self._forward:
+            if self._forward or (self._forward is None and _bridge_calls_iptables()):
+                # br_netfilter (loaded by Docker) sends bridged frames through this namespace's FORWARD chain,
+                # whose policy Docker sets to DROP: node-to-node traffic would vanish. Our bridge's own is let
+                # through, above Docker's rules; close() removes the rule.
                 run("iptables", "-I", "FORWARD", "1", *self._forward_rule())
                 self._made.append(("forward", self.bridge))
             for node, ns in self.namespaces.items():
