@@ -531,16 +531,10 @@ class Agent:
                         self.effects.release_after_hooks(record)
                 case Promoted(term=term, deadline=deadline):
                     self.effects.promoted(term, deadline)
-                    if self.exporter is not None:
-                        self.exporter.set_active(True)
-                    if self._health is not None:
-                        self._health.set_primary(True)
+                    self._primary_parts(True)
                 case Demoted(term=term, cause=cause, reason=reason, acting_until=until):
                     self.effects.demoted(term, cause, reason, until)
-                    if self.exporter is not None:
-                        self.exporter.set_active(False)
-                    if self._health is not None:
-                        self._health.set_primary(False)
+                    self._primary_parts(False)
                     damped = self.election.damped_until(self.clock())
                     if damped is not None:
                         logger.warning("flap damping: not taking leadership back before this node's link has been "
@@ -643,6 +637,13 @@ class Agent:
             sent = self._sent.pop((record.kind, record.term, record.seq), None)
             if sent is not None:
                 self.metrics.echo.observe(self.clock() - sent)
+
+    def _primary_parts(self, primary: bool) -> None:
+        """The agent's parts that work only on the primary: the health checks of its services, the export."""
+        if self._health is not None:
+            self._health.set_primary(primary)
+        if self.exporter is not None:
+            self.exporter.set_active(primary)
 
     # ---- health ---------------------------------------------------------------------------------
 

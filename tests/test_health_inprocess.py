@@ -15,6 +15,7 @@ from typing import Any
 from harness import inprocess, vclock
 from harness.inprocess import Probes, metric
 from harness.wait import eventually
+from hasync.agent import Agent
 
 LEASE, PREEMPT = 3.0, 10.0
 INTERVAL, FALL = 2.0, 2
@@ -29,13 +30,19 @@ def check(name: str, **fields: Any) -> dict[str, Any]:
             **fields}
 
 
+async def weighted_pair(c: inprocess.Cluster) -> tuple[Agent, Probes]:
+    """a (200, a camera check of weight -150) leads b (100); returns a and its check results."""
+    camera = Probes()
+    a = await c.add("a", priority=200, probes=camera, health_checks=[check("camera", weight=-150)])
+    await c.add("b", priority=100)
+    assert await c.wait_for_leader() == "a"
+    return a, camera
+
+
 def test_a_failing_weighted_check_lowers_the_priority_and_a_better_node_takes_over_after_the_delay() -> None:
     async def scenario() -> None:
-        camera = Probes()
         async with inprocess.cluster() as c:
-            a = await c.add("a", priority=200, probes=camera, health_checks=[check("camera", weight=-150)])
-            await c.add("b", priority=100)
-            assert await c.wait_for_leader() == "a"
+            a, camera = await weighted_pair(c)
             await asyncio.sleep(LEASE + PREEMPT)
             camera.failing["camera"] = "connection refused"
             failed = vclock.clock()
@@ -59,11 +66,8 @@ def test_a_failing_weighted_check_lowers_the_priority_and_a_better_node_takes_ov
 
 def test_a_blip_shorter_than_the_preempt_delay_moves_nothing() -> None:
     async def scenario() -> None:
-        camera = Probes()
         async with inprocess.cluster() as c:
-            a = await c.add("a", priority=200, probes=camera, health_checks=[check("camera", weight=-150)])
-            await c.add("b", priority=100)
-            assert await c.wait_for_leader() == "a"
+            a, camera = await weighted_pair(c)
             await asyncio.sleep(LEASE + 2 * PREEMPT)  # b has been eligible far longer than the delay
             camera.failing["camera"] = "timeout"
             await eventually(lambda: a.election.priority == 50, FALL * INTERVAL + 1, "a's priority to drop")

@@ -81,9 +81,6 @@ class Exporter:
             self._metrics.federation_dropped.inc()
         self._changes.put_nowait(event)
 
-    def status(self) -> dict[str, Any]:
-        return {"active": self._active.is_set(), "exported": len(self.exported)}
-
     # ---- the loop -----------------------------------------------------------------------------------
 
     async def run(self) -> None:
