@@ -335,8 +335,6 @@ class Agent:
         def on_states(states: list[dict[str, Any]]) -> None:
             if watch is not None:
                 watch.on_states(states)
-            if exporter is not None:
-                exporter.on_states(states)
 
         def on_state_changed(event: dict[str, Any]) -> None:
             if watch is not None:

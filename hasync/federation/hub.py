@@ -29,8 +29,6 @@ under its own node id (``<discovery prefix>/+/hasync_fed_<cluster>/+/config``). 
   at once (an entity without a registry entry appears only once its integration has set up: a Home
   Assistant still starting must not have its entities deleted on main). Configs of other hubs have another
   node id and are never seen; a standby exports nothing, so it clears nothing;
-* the link's snapshot after it reconnected to Home Assistant (``on_states``) replaces the states it keeps,
-  republishes the exported ones and reads every registry again (changes may have been missed meanwhile);
 * main's birth (``online``) publishes every config and state again;
 * ``offline`` on the status topic while exporting (the will of the previous primary's session, arriving late
   after a failover) is answered with ``online`` at once;
@@ -42,6 +40,9 @@ Self-check: an entity of the hub's own Home Assistant that is an MQTT copy of on
 is this hub's) means that Home Assistant reads the prefix the hub exports to. It is never exported again (MQTT
 entities never are), so nothing loops, but the hub shows a duplicate of each export: one warning, and the
 count in ``hasync_federation_self_imported`` and ``/healthz``.
+
+A lost connection to Home Assistant makes the node unhealthy, so it stops being primary: the next export
+(here or on the other node) reads every registry and state again, and nothing missed meanwhile is lost.
 
 When the node stops being primary the session is closed cleanly (no will: the next primary says ``online``);
 a crash or a cut of a single-node hub leaves the will, and main shows the hub's entities unavailable, never
@@ -57,7 +58,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ..aio import Backoff
@@ -93,11 +93,6 @@ REREAD_LONGEST = 5.0
 REREAD_RETRY = 10.0
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    states: list[Any]
-
-
 class Exporter:
     def __init__(self, hub: Hub, selection: Selection, *, ha_command: HaCommand, connect: Connect, client_id: str,
                  metrics: Metrics, removal_grace: float = 900.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -110,7 +105,7 @@ class Exporter:
         self._grace = removal_grace
         self._clock = clock
         self._active = asyncio.Event()
-        self._changes: asyncio.Queue[dict[str, Any] | _Snapshot] = asyncio.Queue(QUEUE_LIMIT)
+        self._changes: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_LIMIT)
         self.exported: dict[str, Exported] = {}
         self._attributes: dict[str, dict[str, Any]] = {}
         self._by_uid: dict[str, str] = {}
@@ -141,13 +136,13 @@ class Exporter:
 
     def on_state_changed(self, event: dict[str, Any]) -> None:
         """Home Assistant's ``state_changed`` event (the link's subscription: ``data.new_state``)."""
-        if self._active.is_set():
-            self._put(event)
-
-    def on_states(self, states: list[dict[str, Any]]) -> None:
-        """The link's snapshot of every state, taken after it (re)connected to Home Assistant."""
-        if self._active.is_set():
-            self._put(_Snapshot(states))
+        if not self._active.is_set():
+            return
+        if self._changes.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._changes.get_nowait()
+            self._metrics.federation_dropped.inc()
+        self._changes.put_nowait(event)
 
     def on_registry_updated(self, event: dict[str, Any]) -> None:
         """One of Home Assistant's registry events (``REGISTRY_EVENTS``): that registry is read again soon."""
@@ -180,13 +175,6 @@ class Exporter:
                 delay = backoff.next_delay()
                 logger.warning("federation: cannot export: %s: %s; again in %.0f s", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
-
-    def _put(self, item: dict[str, Any] | _Snapshot) -> None:
-        if self._changes.full():
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self._changes.get_nowait()
-            self._metrics.federation_dropped.inc()
-        self._changes.put_nowait(item)
 
     def _wake(self) -> None:
         with contextlib.suppress(asyncio.QueueFull):
@@ -230,12 +218,9 @@ class Exporter:
                 done, _ = await asyncio.wait({next_message, next_change}, timeout=timeout,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if next_change in done:
-                    item = next_change.result()
+                    event = next_change.result()
                     next_change = asyncio.ensure_future(self._changes.get())
-                    if isinstance(item, _Snapshot):
-                        self._on_snapshot(session, item.states)
-                    else:
-                        self._on_state_event(session, item)
+                    self._on_state_event(session, event)
                 if next_message in done:
                     message = next_message.result()  # a lost connection raises here
                     next_message = asyncio.ensure_future(anext(messages))
@@ -273,15 +258,6 @@ class Exporter:
             self._publish_entity(session, entity_id, new_state)
         else:
             self._publish_state(session, new_state)
-
-    def _on_snapshot(self, session: Session, states: list[Any]) -> None:
-        self._states = _state_map(states)
-        for entity_id in self.exported:
-            state = self._states.get(entity_id)
-            if state is not None and not self._publish_entity(session, entity_id, state):
-                self._publish_state(session, state)  # the config is unchanged: the state may not be
-        self._dirty.update(_LISTS)
-        self._poke()
 
     async def _read_lists(self, kinds: tuple[str, ...]) -> dict[str, Any]:
         results = await asyncio.gather(*(self._ha_command({"type": _LISTS[kind]}) for kind in kinds))
