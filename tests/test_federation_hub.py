@@ -294,3 +294,18 @@ def test_an_entity_without_a_registry_entry_retires_when_its_state_goes_and_retu
             assert not cleared(topic, c.fake)
 
     run(scenario)
+
+
+def test_the_hub_exports_to_main_s_prefix_when_its_own_home_assistant_reads_another() -> None:
+    async def scenario() -> None:
+        main_prefix = Hub(inprocess.PREFIX, inprocess.CLUSTER, discovery_prefix="main")
+        async with inprocess.cluster() as c:
+            await exporting(c, hub_ha(), federation={**federation(), "discovery_prefix": "main"})
+            assert {t for t in c.fake.model.retained if t.endswith("/config")} == {
+                main_prefix.config_topic("light", KITCHEN), main_prefix.config_topic("switch", PUMP)}
+            before = len(c.fake.model.log)
+            c.fake.inject("main/status", b"online")  # main's birth on its own prefix
+            await eventually(lambda: [p for p in list(c.fake.model.log)[before:]
+                                      if p.topic == main_prefix.config_topic("switch", PUMP)], 10, "published again")
+
+    run(scenario)
