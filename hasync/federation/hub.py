@@ -188,11 +188,9 @@ class Exporter:
 
     async def _export(self) -> None:
         hub = self.hub
-        lists = await self._read_lists(tuple(_LISTS))
-        states = await self._ha_command({"type": "get_states"})
-        self._states = _state_map(states)
-        self._lists, self._dirty = lists, set()
-        self._reread = Debounce(REREAD_QUIET, REREAD_LONGEST)
+        self._dirty, self._reread = set(), Debounce(REREAD_QUIET, REREAD_LONGEST)  # a change from now on: read again
+        self._lists = await self._read_lists(tuple(_LISTS))
+        self._states = _state_map(await self._ha_command({"type": "get_states"}))
         self._retiring = Retirements(self._grace)
         self._topics, self._sent, self.exported, self._attributes, self._by_uid = {}, {}, {}, {}, {}
         async with self._connect(f"{self._client_id}-fed", Will(hub.status_topic, b"offline")) as session:
