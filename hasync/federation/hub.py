@@ -19,10 +19,12 @@ to the command topics, main's birth (``<discovery prefix>/status``) and its own 
   service call ``mapping.command`` checks, made on this node's Home Assistant; its result (done, refused and
   why, failed and HA's message) is published on ``<entity>/result`` and counted.
 
-When the node stops being primary the session is closed cleanly (no will: the next primary says ``online``);
-a crash or a cut of a single-node hub leaves the will, and main shows the hub's entities unavailable, never
-deleted. The registries are read once per export: an entity added on the hub is exported at the next
-promotion or reconnect (removal after a grace period, and reading registry changes, are not done yet).
+When the node stops being primary (its Home Assistant went away, a handover, the agent stops) it publishes
+``offline`` and closes the session cleanly; the next primary, if any, says ``online``. A crash or a cut of a
+single-node hub leaves the will. Either way main shows the hub's entities unavailable, never deleted, rather
+than states nobody can vouch for. The registries are read once per export: an entity added on the hub is
+exported at the next promotion or reconnect (removal after a grace period, and reading registry changes, are
+not done yet).
 """
 
 from __future__ import annotations
@@ -125,15 +127,17 @@ class Exporter:
             logger.info("federation: exporting %d entities as %s", len(self.exported), hub.identifier)
             await session.subscribe(f"{hub.base}/+/set", f"{hub.base}/+/set/+", hub.status_topic,
                                     f"{hub.discovery_prefix}/status")
-            self._metrics.federation_exported.set(len(self.exported))
             await self._serve(session, state_map)
+            # A clean disconnect sends no will: without this, main would go on showing the last states as current
+            # (this node's Home Assistant went away, the agent stops). A next primary answers it with online.
+            session.send(hub.status_topic, b"offline", retain=True)
         logger.info("federation: export ended (not primary)")
-        self._metrics.federation_exported.set(0)
 
     async def _serve(self, session: Session, state_map: dict[str, dict[str, Any]]) -> None:
         messages = session.messages()
         next_message = asyncio.ensure_future(anext(messages))
         next_change = asyncio.ensure_future(self._changes.get())
+        self._metrics.federation_exported.set(len(self.exported))
         try:
             while self._active.is_set():
                 done, _ = await asyncio.wait({next_message, next_change}, return_when=asyncio.FIRST_COMPLETED)
@@ -150,6 +154,7 @@ class Exporter:
                     next_message = asyncio.ensure_future(anext(messages))
                     await self._on_message(session, state_map, message.topic, message.payload, message.retain)
         finally:
+            self._metrics.federation_exported.set(0)  # however the export ended: not primary, or the session lost
             for task in (next_message, next_change):
                 task.cancel()
 
