@@ -15,6 +15,8 @@ failover are in test_federation_ha.py.)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -27,14 +29,17 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from harness import netns
+from harness import netns, vclock
 from harness.agents import AgentProcess, Cluster, TopicRecorder, checked_cluster
 from harness.brokers import MosquittoProcess, mosquitto_binary, password_file
+from harness.fakebroker import FakeMqtt
 from harness.ha import HomeAssistant, StartHA
-from harness.wait import wait_until
+from harness.wait import eventually, wait_until
 from hasync.federation import mapping
-
-pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
+from hasync.federation.export import Hub as ExportHub
+from hasync.federation.export import Rules, Selection
+from hasync.federation.hub import Exporter
+from hasync.metrics import Metrics
 
 ACL = Path(__file__).resolve().parents[1] / "broker" / "acl.example"
 # Users of the shipped ACL, and "stranger": in the password file, not in the ACL.
@@ -165,6 +170,8 @@ class Reader:
         self.client.loop_stop()
 
 
+@pytest.mark.integration
+@pytest.mark.mosquitto
 def test_the_shipped_acl_gives_main_the_commands_and_each_hub_its_own_topics(acl_broker: MosquittoProcess) -> None:
     """Every federation rule of the ACL, as a real Mosquitto applies it: who may write, who may read."""
     writer = {topic: user for user, topic, allowed in reversed(WRITES) if allowed}
@@ -297,6 +304,8 @@ class Main:
 # ---- the ACL against real Home Assistants and a hub agent -------------------------------------------------
 
 
+@pytest.mark.integration
+@pytest.mark.mosquitto
 def test_a_command_from_anyone_but_main_never_reaches_the_hub(
         start_ha: StartHA, acl_broker: MosquittoProcess, tmp_path: Path) -> None:
     """Hub radios exports its front door lock. Every client but main's Home Assistant sends it UNLOCK: another
@@ -329,6 +338,49 @@ def test_a_command_from_anyone_but_main_never_reaches_the_hub(
 
 
 # ---- faults -----------------------------------------------------------------------------------------------
+
+
+def test_the_exporter_says_offline_when_it_stops_and_counts_its_entities_only_while_it_serves() -> None:
+    """In-process, on the fake broker and virtual time: what the real faults below showed missing. Stopping
+    (not primary any more) closes the export session cleanly, which sends no will: ``offline`` must be said;
+    a lost session must not leave hasync_federation_exported claiming the entities are exported."""
+    fake = FakeMqtt()
+    metrics = Metrics()
+    hub = ExportHub("hasync", "radios")
+    replies: dict[str, Any] = {
+        "config/entity_registry/list": [{"entity_id": "switch.x", "id": "r1", "platform": "demo", "unique_id": "x"}],
+        "config/device_registry/list": [], "config/area_registry/list": [],
+        "get_states": [{"entity_id": "switch.x", "state": "on", "attributes": {}}]}
+
+    async def ha_command(message: dict[str, Any]) -> Any:
+        return replies[message["type"]]
+
+    def exported() -> float | None:
+        return metrics.registry.get_sample_value("hasync_federation_exported")
+
+    def status() -> bytes | None:
+        return fake.model.retained.get(hub.status_topic)
+
+    async def scenario() -> None:
+        exporter = Exporter(hub, Selection(include=Rules(domains=frozenset({"switch"}))), ha_command=ha_command,
+                            connect=fake.connect, client_id="hasync-radios-a-1", metrics=metrics)
+        task = asyncio.ensure_future(exporter.run())
+        try:
+            exporter.set_active(True)
+            await eventually(lambda: status() == b"online" and exported() == 1, 5, "the export")
+            fake.cut("radios-a", will=False)  # a broker that went away: no will, the session is lost
+            await eventually(lambda: exported() == 0, 1, "the gauge to drop with the session")
+            await eventually(lambda: status() == b"online" and exported() == 1, 60, "the export again")
+            exporter.set_active(False)
+            await eventually(lambda: status() == b"offline", 1, "offline once not primary")
+            assert exported() == 0
+            assert fake.session_of("radios-a") is None  # closed
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    vclock.run(scenario())
 
 
 def retained_messages(broker: MosquittoProcess, *filters: str) -> dict[str, bytes]:
@@ -501,6 +553,8 @@ def faults(start_ha: StartHA, tmp_path: Path) -> Iterator[Faults]:
         yield Faults(lan, broker, main, radios, media)
 
 
+@pytest.mark.integration
+@pytest.mark.mosquitto
 def test_a_hub_cut_off_restarted_or_stopped_main_restarted_the_broker_crashed_or_restarted_lose_nothing(
         faults: Faults) -> None:
     """The faults one after the other, each checked the same way (see the module's docstring); the figures are
