@@ -306,6 +306,7 @@ class Main:
 
 @pytest.mark.integration
 @pytest.mark.mosquitto
+@pytest.mark.timeout(300)
 def test_a_command_from_anyone_but_main_never_reaches_the_hub(
         start_ha: StartHA, acl_broker: MosquittoProcess, tmp_path: Path) -> None:
     """Hub radios exports its front door lock. Every client but main's Home Assistant sends it UNLOCK: another
@@ -555,6 +556,7 @@ def faults(start_ha: StartHA, tmp_path: Path) -> Iterator[Faults]:
 
 @pytest.mark.integration
 @pytest.mark.mosquitto
+@pytest.mark.timeout(300)
 def test_a_hub_cut_off_restarted_or_stopped_main_restarted_the_broker_crashed_or_restarted_lose_nothing(
         faults: Faults) -> None:
     """The faults one after the other, each checked the same way (see the module's docstring); the figures are
