@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Self
 
@@ -35,6 +35,14 @@ def mosquitto_binary() -> str | None:
     if found is not None:
         return found
     return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+def password_file(path: Path, users: Mapping[str, str]) -> Path:
+    """A Mosquitto password file for ``users`` (name: password), hashed by ``mosquitto_passwd -U``."""
+    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    path.write_text("".join(f"{user}:{password}\n" for user, password in users.items()))
+    subprocess.run([tool, "-U", str(path)], check=True, capture_output=True, timeout=60)
+    return path
 
 
 def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:

@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,7 +92,7 @@ def ha_installed() -> bool:
 
 
 def configuration(name: str, port: int, *, bulk_helpers: int = 0, recorder: bool = False,
-                  demo: bool = False) -> dict[str, Any]:
+                  demo: bool = False, host: str = HOST) -> dict[str, Any]:
     """HA's configuration.yaml: a minimal core without default_config, plus the helpers the tests use.
 
     ``bulk_helpers``: that many more input_booleans, ``input_boolean.bulk_0000`` and on, off at start.
@@ -109,7 +109,7 @@ def configuration(name: str, port: int, *, bulk_helpers: int = 0, recorder: bool
             "time_zone": "Europe/Berlin",
             "country": "DE",
         },
-        "http": {"server_host": HOST, "server_port": port},
+        "http": {"server_host": host, "server_port": port},
         "api": None,
         "websocket_api": None,
         "config": None,
@@ -168,19 +168,27 @@ def bulk_entity(i: int) -> str:
 class HomeAssistant:
     """One Home Assistant instance: config dir, process, onboarding, optional MQTT config entry.
 
-    ``mqtt_port``: if given, ``start()`` adds the MQTT integration for a broker on 127.0.0.1 at that port
-    (once per config dir) and returns only when its config entry is loaded. ``bulk_helpers``, ``recorder``
-    and ``demo`` (HA's demo integration) go to ``configuration()``.
+    ``mqtt_port``: if given, ``start()`` adds the MQTT integration for a broker on ``mqtt_host`` at that port
+    (once per config dir), logging in as ``mqtt_username`` with ``mqtt_password`` if given, and returns only
+    when its config entry is loaded. ``bulk_helpers``, ``recorder`` and ``demo`` (HA's demo integration) go
+    to ``configuration()``. ``host``: the address HA's HTTP server listens on; ``command_prefix``: what runs
+    HA's command (``ip netns exec NS`` to run it in a namespace of harness.netns, with ``host`` its address).
     """
 
     def __init__(
         self, workdir: Path, *, name: str, mqtt_port: int | None = None, bulk_helpers: int = 0, recorder: bool = False,
-        demo: bool = False,
+        demo: bool = False, mqtt_host: str = HOST, mqtt_username: str | None = None, mqtt_password: str | None = None,
+        host: str = HOST, command_prefix: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.mqtt_port = mqtt_port
+        self.mqtt_host = mqtt_host
+        self.mqtt_username = mqtt_username
+        self.mqtt_password = mqtt_password
+        self.host = host
+        self.command_prefix = list(command_prefix)
         self.bulk_helpers = bulk_helpers
         self.recorder = recorder
         self.demo = demo
@@ -208,7 +216,7 @@ class HomeAssistant:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def token(self) -> str:
@@ -367,13 +375,14 @@ class HomeAssistant:
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         config = configuration(self.name, self.port, bulk_helpers=self.bulk_helpers, recorder=self.recorder,
-                               demo=self.demo)
+                               demo=self.demo, host=self.host)
         text = yaml.safe_dump(config, sort_keys=False)
         (self.config_dir / "configuration.yaml").write_text(text)
 
     def _spawn(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
         command = [
+            *self.command_prefix,
             str(HA_VENV / "bin" / "hass"),
             "--config",
             str(self.config_dir),
@@ -471,7 +480,9 @@ class HomeAssistant:
         if not existing:
             _, flow = self._request("POST", "/api/config/config_entries/flow", {"handler": "mqtt"})
             if flow.get("type") == "form":
-                broker = {"broker": HOST, "port": self.mqtt_port}
+                broker: dict[str, Any] = {"broker": self.mqtt_host, "port": self.mqtt_port}
+                if self.mqtt_username is not None:
+                    broker.update(username=self.mqtt_username, password=self.mqtt_password or "")
                 _, flow = self._request("POST", f"/api/config/config_entries/flow/{flow['flow_id']}", broker)
             if flow.get("type") != "create_entry":
                 raise HomeAssistantError(f"the MQTT config flow for port {self.mqtt_port} ended with {flow}")
@@ -526,8 +537,8 @@ class HomeAssistant:
 
 
 StartHA = Callable[..., list[HomeAssistant]]
-"""The ``start_ha`` fixture: ``start_ha(*names, mqtt_port=None, **options)`` starts copies of the onboarded
-template (``options`` as for ``HomeAssistant``)."""
+"""The ``start_ha`` fixture: ``start_ha(*names, mqtt_port=None, each=None, **options)`` starts copies of the
+onboarded template (``options`` as for ``HomeAssistant``; ``each`` maps a name to more options for that one)."""
 
 
 def start_home_assistants(workdir: Path, names: list[str], mqtt_port: int) -> dict[str, HomeAssistant]:

@@ -115,11 +115,13 @@ def ha_template(tmp_path_factory: pytest.TempPathFactory) -> HomeAssistant:
 @pytest.fixture
 def start_ha(ha_template: HomeAssistant, tmp_path: Path) -> Iterator[StartHA]:
     """``start_ha(*names, mqtt_port=None, **options)`` starts copies of the template at once (``options`` as for
-    ``HomeAssistant``: ``bulk_helpers``, ``recorder``); all stop afterwards."""
+    ``HomeAssistant``: ``bulk_helpers``, ``recorder``; ``each={name: options}`` adds some for one of them); all
+    stop afterwards."""
     started: list[HomeAssistant] = []
 
-    def start(*names: str, **options: Any) -> list[HomeAssistant]:
-        instances = [HomeAssistant.copy_of(ha_template, tmp_path / n, name=n, **options) for n in names]
+    def start(*names: str, each: dict[str, dict[str, Any]] | None = None, **options: Any) -> list[HomeAssistant]:
+        instances = [HomeAssistant.copy_of(ha_template, tmp_path / n, name=n, **{**options, **(each or {}).get(n, {})})
+                     for n in names]
         started.extend(instances)
         with ThreadPoolExecutor(len(instances)) as pool:
             list(pool.map(HomeAssistant.start, instances))

@@ -21,7 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from harness.agents import AgentProcess, TopicRecorder, checked_cluster
-from harness.brokers import MosquittoProcess, mosquitto_binary
+from harness.brokers import MosquittoProcess, mosquitto_binary, password_file
 from harness.wait import wait_until
 from hasync.messages import Command, Heartbeat, LeaseRecord, NodeRole, parse
 from hasync.topics import Topics
@@ -44,11 +44,7 @@ def acl_broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
         pytest.skip("mosquitto is not installed")
     workdir = tmp_path / "mosquitto"
     workdir.mkdir()
-    passwd = workdir / "passwd"
-    for i, user in enumerate(USERS):
-        create = ["-c"] if i == 0 else []
-        subprocess.run(["/usr/bin/mosquitto_passwd", *create, "-b", str(passwd), user, password(user)],
-                       check=True, capture_output=True, timeout=30)
+    passwd = password_file(workdir / "passwd", {user: password(user) for user in USERS})
     extra = ["allow_anonymous false", f"password_file {passwd}", f"acl_file {ACL}"]
     with MosquittoProcess(workdir, binary=binary, extra_config=extra) as broker:
         yield broker

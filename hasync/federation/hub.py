@@ -44,10 +44,11 @@ count in ``hasync_federation_self_imported`` and ``/healthz``.
 A lost connection to Home Assistant makes the node unhealthy, so it stops being primary: the next export
 (here or on the other node) reads every registry and state again, and nothing missed meanwhile is lost.
 
-When the node stops being primary the session is closed cleanly (no will: the next primary says ``online``);
-a crash or a cut of a single-node hub leaves the will, and main shows the hub's entities unavailable, never
-deleted. What was retiring is forgotten with the session; the next export finds the configs retained and
-starts their grace again.
+When the node stops being primary (its Home Assistant went away, a handover, the agent stops) it publishes
+``offline`` and closes the session cleanly; the next primary, if any, says ``online``. A crash or a cut of a
+single-node hub leaves the will. Either way main shows the hub's entities unavailable, never deleted, rather
+than states nobody can vouch for. What was retiring is forgotten with the session; the next export finds the
+configs retained and starts their grace again.
 """
 
 from __future__ import annotations
@@ -201,9 +202,10 @@ class Exporter:
             await session.subscribe(f"{hub.base}/+/set", f"{hub.base}/+/set/+", hub.status_topic,
                                     f"{hub.discovery_prefix}/status", hub.configs_filter)
             await self._serve(session)
+            # A clean disconnect sends no will: without this, main would go on showing the last states as current
+            # (this node's Home Assistant went away, the agent stops). A next primary answers it with online.
+            session.send(hub.status_topic, b"offline", retain=True)
         logger.info("federation: export ended (not primary)")
-        self._metrics.federation_exported.set(0)
-        self._metrics.federation_retiring.set(0)
 
     async def _serve(self, session: Session) -> None:
         messages = session.messages()
@@ -227,6 +229,9 @@ class Exporter:
                     await self._read_again(session)
                 self._clear_due(session)
         finally:
+            # However the export ended (not primary, or the session lost): nothing is exported from here.
+            self._metrics.federation_exported.set(0)
+            self._metrics.federation_retiring.set(0)
             for task in (next_message, next_change):
                 task.cancel()
 
