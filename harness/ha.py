@@ -29,10 +29,12 @@ Exceptions::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -319,6 +321,11 @@ class HomeAssistant:
         Raises HomeAssistantError if HA answers one with an error."""
         return self._websocket(list(commands), self.token)
 
+    def subscribe(self, message: dict[str, Any]) -> Subscription:
+        """A websocket subscription (``subscribe_events``, ``subscribe_trigger``...) recording what it delivers;
+        close it (or use it as a context manager)."""
+        return Subscription(self.url.replace("http", "ws", 1) + "/api/websocket", self.token, message)
+
     def history(self, entity_ids: list[str], since: float, timeout: float = 15.0) -> dict[str, list[dict[str, Any]]]:
         """Each entity's states from wall time ``since`` on, oldest first: the one it had then (if any), then
         every change, attribute-only ones included (``{"s": state, "a": attributes, "lu": last_updated}``).
@@ -436,12 +443,7 @@ class HomeAssistant:
             aiohttp.ClientSession() as session,
             session.ws_connect(f"{self.url}/api/websocket", max_msg_size=0) as ws,
         ):
-            greeting = await ws.receive_json()
-            if greeting.get("type") != "auth_required":
-                raise HomeAssistantError(f"websocket greeted with {greeting}")
-            await ws.send_json({"type": "auth", "access_token": access_token})
-            if (answer := await ws.receive_json()).get("type") != "auth_ok":
-                raise HomeAssistantError(f"websocket authentication answered {answer}")
+            await _authenticate(ws, access_token)
             results = []
             for msg_id, command in enumerate(commands, start=1):
                 await ws.send_json({"id": msg_id, **command})
@@ -523,6 +525,92 @@ class HomeAssistant:
 
     def _failure(self, what: str) -> str:
         return f"Home Assistant {self.name!r} ({self.url}) {what}; log {self.log_path}:\n{self.log_tail()}"
+
+
+async def _authenticate(ws: aiohttp.ClientWebSocketResponse, access_token: str) -> None:
+    greeting = await ws.receive_json()
+    if greeting.get("type") != "auth_required":
+        raise HomeAssistantError(f"websocket greeted with {greeting}")
+    await ws.send_json({"type": "auth", "access_token": access_token})
+    if (answer := await ws.receive_json()).get("type") != "auth_ok":
+        raise HomeAssistantError(f"websocket authentication answered {answer}")
+
+
+class Subscription:
+    """One websocket subscription of a Home Assistant, on a thread of its own (the tests are synchronous):
+    ``events`` holds every event it delivered, in order (HA's ``event`` object: for ``subscribe_events`` the
+    event with its ``time_fired``, for ``subscribe_trigger`` the trigger's variables)."""
+
+    def __init__(self, url: str, token: str, message: dict[str, Any]) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self._subscribed = threading.Event()
+        self._error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(self._run(url, token, message))
+        self._thread = threading.Thread(target=self._serve, name="ha-subscription", daemon=True)
+        self._thread.start()
+        if not self._subscribed.wait(REQUEST_TIMEOUT + 5) or self._error is not None:
+            self.close()
+            raise HomeAssistantError(f"could not subscribe with {message}: {self._error!r}")
+
+    def _serve(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # close()
+            self._loop.run_until_complete(self._task)
+
+    async def _run(self, url: str, token: str, message: dict[str, Any]) -> None:
+        try:
+            async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    await _authenticate(ws, token)
+                    await ws.send_json({"id": 1, **message})
+                    answer = await ws.receive_json()
+                if not answer.get("success"):
+                    raise HomeAssistantError(f"{message['type']} answered {answer}")
+                self._subscribed.set()
+                async for frame in ws:
+                    if frame.type is not aiohttp.WSMsgType.TEXT:
+                        break
+                    data = json.loads(frame.data)
+                    if data.get("type") == "event":
+                        with self._changed:
+                            self.events.append(data["event"])
+                            self._changed.notify_all()
+        except Exception as exc:  # reported by the constructor, or by wait_for as the subscription's end
+            self._error = exc
+        finally:
+            self._subscribed.set()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+                 start: int = 0) -> tuple[int, dict[str, Any]]:
+        """The first event from index ``start`` on that ``predicate`` accepts, and its index; waits for it up to
+        ``timeout`` seconds (AssertionError naming ``what``)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for index in range(start, len(self.events)):
+                    if predicate(self.events[index]):
+                        return index, self.events[index]
+                start = len(self.events)
+                remaining = deadline - time.monotonic()
+                if self._task.done():
+                    raise AssertionError(f"the subscription ended ({self._error!r}) while waiting for {what}")
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+                self._changed.wait(min(remaining, 1.0))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(REQUEST_TIMEOUT)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 StartHA = Callable[..., list[HomeAssistant]]

@@ -11,7 +11,9 @@ status, ``offline``, retained). It reads the registries and the states from Home
 exported entity's discovery config and state (retained), then ``online`` on the status topic, and subscribes
 to the command topics, main's birth (``<discovery prefix>/status``) and its own status topic. Then:
 
-* a state change of an exported entity publishes its new state (the link's state events, ``on_state_changed``);
+* a state change of an exported entity publishes its new state (the link's state events, ``on_state_changed``),
+  and an event entity's new event its event message (never retained: main's event entity and device triggers
+  fire once per event, not at every publish of the state);
 * main's birth (``online``) publishes every config and state again;
 * ``offline`` on the status topic while exporting (the will of the previous primary's session, arriving late
   after a failover) is answered with ``online`` at once;
@@ -38,7 +40,7 @@ from ..aio import Backoff
 from ..metrics import Metrics
 from ..transport import Connect, MqttFailure, Session, Will
 from . import mapping
-from .export import Exported, Hub, Selection, discovery_message, parse_registries, select
+from .export import Exported, Hub, Selection, discovery_message, parse_registries, select, trigger_messages
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Exporter:
         self.exported: dict[str, Exported] = {}
         self._attributes: dict[str, dict[str, Any]] = {}
         self._by_uid: dict[str, str] = {}
+        self._event_marks: dict[str, str | None] = {}  # event entities: the state a new event must differ from
 
     # ---- from the agent ---------------------------------------------------------------------------
 
@@ -116,11 +119,13 @@ class Exporter:
         self.exported = select(entries, device_map, area_map, self.selection, unregistered=state_map)
         self._by_uid = {item.uid: entity_id for entity_id, item in self.exported.items()}
         self._attributes = {}
+        self._event_marks = {}
         async with self._connect(f"{self._client_id}-fed", Will(hub.status_topic, b"offline")) as session:
             for entity_id in self.exported:
                 state = state_map.get(entity_id)
                 if state is not None:
                     self._publish_entity(session, entity_id, state)
+            self._publish_triggers(session, state_map)
             await session.publish(hub.status_topic, b"online", retain=True)
             logger.info("federation: exporting %d entities as %s", len(self.exported), hub.identifier)
             await session.subscribe(f"{hub.base}/+/set", f"{hub.base}/+/set/+", hub.status_topic,
@@ -145,6 +150,8 @@ class Exporter:
                     if isinstance(new_state, dict) and new_state.get("entity_id") in self.exported:
                         state_map[new_state["entity_id"]] = new_state
                         self._publish_state(session, new_state)
+                        self._publish_event(session, new_state)
+                        self._mark_event(new_state)
                 if next_message in done:
                     message = next_message.result()  # a lost connection raises here
                     next_message = asyncio.ensure_future(anext(messages))
@@ -161,6 +168,7 @@ class Exporter:
         topic, config = message
         session.send(topic, json.dumps(config).encode(), retain=True)
         self._publish_state(session, state)
+        self._mark_event(state)  # what the hub's entity shows now is no new event
 
     def _publish_state(self, session: Session, state: dict[str, Any]) -> None:
         entity_id = state["entity_id"]
@@ -168,6 +176,26 @@ class Exporter:
         self._attributes[entity_id] = attributes
         payload = mapping.state_payload(entity_id, str(state.get("state")), attributes)
         session.send(self.hub.topics(self.exported[entity_id].uid).state, payload, retain=True)
+
+    def _publish_event(self, session: Session, state: dict[str, Any]) -> None:
+        """The event an event entity's state change reports, if it is a new one (``mapping.event_message``)."""
+        entity_id = state["entity_id"]
+        if not entity_id.startswith("event."):
+            return
+        message = mapping.event_message(self._event_marks.get(entity_id), str(state.get("state")), _attributes(state))
+        if message is not None:
+            session.send(self.hub.topics(self.exported[entity_id].uid).event, message, retain=False)
+
+    def _mark_event(self, state: dict[str, Any]) -> None:
+        entity_id = state["entity_id"]
+        if entity_id.startswith("event."):
+            self._event_marks[entity_id] = mapping.event_mark(self._event_marks.get(entity_id), str(state.get("state")))
+
+    def _publish_triggers(self, session: Session, state_map: dict[str, dict[str, Any]]) -> None:
+        events = [(item, _attributes(state_map[entity_id])) for entity_id, item in self.exported.items()
+                  if item.component == "event" and entity_id in state_map]
+        for topic, config in trigger_messages(self.hub, events):
+            session.send(topic, json.dumps(config).encode(), retain=True)
 
     async def _on_message(self, session: Session, state_map: dict[str, dict[str, Any]], topic: str, payload: bytes,
                           retain: bool) -> None:
@@ -178,6 +206,7 @@ class Exporter:
                 for exported_id, state in state_map.items():
                     if exported_id in self.exported:
                         self._publish_entity(session, exported_id, state)
+                self._publish_triggers(session, state_map)
             return
         if topic == hub.status_topic:
             if payload != b"online":
