@@ -618,15 +618,18 @@ StartHA = Callable[..., list[HomeAssistant]]
 template (``options`` as for ``HomeAssistant``)."""
 
 
-def start_home_assistants(workdir: Path, names: list[str], mqtt_port: int) -> dict[str, HomeAssistant]:
-    """Onboard a template instance once, copy it per name (MQTT on ``mqtt_port``), start the copies at once.
-    The caller stops them with ``stop_home_assistants``, also when this raises part way."""
+def start_home_assistants(workdir: Path, names: list[str], mqtt_port: int,
+                          options: dict[str, dict[str, Any]] | None = None) -> dict[str, HomeAssistant]:
+    """Onboard a template instance once, copy it per name (MQTT on ``mqtt_port``; ``options[name]`` as for
+    ``HomeAssistant``), start the copies at once. The caller stops them with ``stop_home_assistants``, also
+    when this raises part way."""
     template = HomeAssistant(workdir / "ha-template", name="template")
     try:
         template.start()
     finally:
         template.stop()
-    has = {name: HomeAssistant.copy_of(template, workdir / name, name=name, mqtt_port=mqtt_port) for name in names}
+    has = {name: HomeAssistant.copy_of(template, workdir / name, name=name, mqtt_port=mqtt_port,
+                                       **(options or {}).get(name, {})) for name in names}
     with ThreadPoolExecutor(len(has)) as pool:
         list(pool.map(lambda ha: ha.start(), has.values()))
     return has
