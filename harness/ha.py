@@ -171,18 +171,20 @@ class HomeAssistant:
     """One Home Assistant instance: config dir, process, onboarding, optional MQTT config entry.
 
     ``mqtt_port``: if given, ``start()`` adds the MQTT integration for a broker on 127.0.0.1 at that port
-    (once per config dir) and returns only when its config entry is loaded. ``bulk_helpers``, ``recorder``
-    and ``demo`` (HA's demo integration) go to ``configuration()``.
+    (once per config dir) and returns only when its config entry is loaded; ``mqtt_discovery=False`` turns its
+    MQTT discovery off (a federation hub's HA, which must not import its own exports). ``bulk_helpers``,
+    ``recorder`` and ``demo`` (HA's demo integration) go to ``configuration()``.
     """
 
     def __init__(
-        self, workdir: Path, *, name: str, mqtt_port: int | None = None, bulk_helpers: int = 0, recorder: bool = False,
-        demo: bool = False,
+        self, workdir: Path, *, name: str, mqtt_port: int | None = None, mqtt_discovery: bool = True,
+        bulk_helpers: int = 0, recorder: bool = False, demo: bool = False,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.mqtt_port = mqtt_port
+        self.mqtt_discovery = mqtt_discovery
         self.bulk_helpers = bulk_helpers
         self.recorder = recorder
         self.demo = demo
@@ -477,6 +479,8 @@ class HomeAssistant:
                 _, flow = self._request("POST", f"/api/config/config_entries/flow/{flow['flow_id']}", broker)
             if flow.get("type") != "create_entry":
                 raise HomeAssistantError(f"the MQTT config flow for port {self.mqtt_port} ended with {flow}")
+            if not self.mqtt_discovery:
+                self._mqtt_options({"discovery": False})
         while True:
             _, existing = self._request("GET", entries)
             if existing and existing[0]["state"] == "loaded":
@@ -484,6 +488,19 @@ class HomeAssistant:
             if time.monotonic() >= deadline:
                 raise HomeAssistantError(f"the MQTT config entry is not loaded after {START_TIMEOUT} s: {existing}")
             time.sleep(_POLL_INTERVAL)
+
+    def _mqtt_options(self, options: dict[str, Any]) -> None:
+        """The MQTT entry's options flow (the broker again, then the options; the rest keep their defaults).
+        HA reloads the entry when it ends, before it answers another request: the caller waits for it loaded."""
+        _, [entry] = self._request("GET", "/api/config/config_entries/entry?domain=mqtt")
+        path = "/api/config/config_entries/options/flow"
+        _, flow = self._request("POST", path, {"handler": entry["entry_id"]})
+        for step in ({"broker": HOST, "port": self.mqtt_port}, options):
+            if flow.get("type") != "form":
+                break
+            _, flow = self._request("POST", f"{path}/{flow['flow_id']}", step)
+        if flow.get("type") != "create_entry":
+            raise HomeAssistantError(f"the MQTT options flow ended with {flow}")
 
     # --- plumbing -------------------------------------------------------------------------------------
 
