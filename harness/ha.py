@@ -224,6 +224,13 @@ class HomeAssistant:
         return self._token
 
     @property
+    def pid(self) -> int:
+        """The running HA's process id."""
+        if self._process is None:
+            raise HomeAssistantError(f"{self.name} is not running")
+        return self._process.pid
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
