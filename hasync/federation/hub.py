@@ -8,13 +8,15 @@ on a failover, the new primary takes over with the same identities: main's entit
 
 An export runs on an MQTT session of its own (the agent's Last Will is its heartbeat; this one's is the hub's
 status, ``offline``, retained). It reads the registries and the states from Home Assistant, publishes every
-exported entity's discovery config and state (retained), then ``online`` on the status topic, and subscribes
+exported entity's discovery config and state and the event entities' device triggers (retained; with
+``send``, not one awaited publish each: 1,000 entities go out in a fraction of a second), then ``online`` on
+the status topic, and subscribes
 to the command topics, main's birth (``<discovery prefix>/status``) and its own status topic. Then:
 
 * a state change of an exported entity publishes its new state (the link's state events, ``on_state_changed``),
   and an event entity's new event its event message (never retained: main's event entity and device triggers
   fire once per event, not at every publish of the state);
-* main's birth (``online``) publishes every config and state again;
+* main's birth (``online``) publishes every config (the event entities' device triggers too) and state again;
 * ``offline`` on the status topic while exporting (the will of the previous primary's session, arriving late
   after a failover) is answered with ``online`` at once;
 * a command (never a retained one: an old retained command would run again at every start) becomes the
