@@ -79,6 +79,7 @@ def test_an_event_entity_is_a_device_trigger_per_event_type_on_its_device() -> N
     assert {k: config[k] for k in ("automation_type", "type", "subtype", "payload")} == {
         "automation_type": "trigger", "type": "pressed", "subtype": "Button press", "payload": "pressed"}
     assert config["value_template"] == "{{ value_json.event_type }}"  # the payload compared is the event type
+    assert config["unique_id"] == f"hasync_fed_radios_{uid(BUTTON.entry)}_pressed"
     renamed = Exported(Entry("event.doorbell", "ffff", "demo", "push", device_id="6219", name="Doorbell",
                              original_name="Button press"), PUSH, None)
     assert trigger_messages(HUB, [(renamed, PRESSED)]) == [(topic, config)]  # main's automations keep working
@@ -117,6 +118,7 @@ def test_no_event_entity_the_hub_reports_makes_the_hub_raise_or_main_refuse_a_tr
     messages = trigger_messages(HUB, items)
     assert all(DISCOVERY_TOPIC.fullmatch(t) for t, _ in messages)
     assert len({t for t, _ in messages}) == len(messages)  # one config per trigger: none overwrites another
+    assert len({c["unique_id"] for _, c in messages}) == len(messages)
     triples = [(c["device"]["identifiers"][0], c["type"], c["subtype"]) for _, c in messages]
     assert len(set(triples)) == len(triples)  # main refuses a second trigger with the same device, type, subtype
     for _, attributes in items:

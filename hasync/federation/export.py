@@ -290,7 +290,10 @@ def trigger_messages(hub: Hub, events: Iterable[tuple[Exported, Mapping[str, Any
             slug = _SLUG.sub("_", event_type.lower()).strip("_")[:32]
             if slug != event_type:  # the object id must stay unique: types that differ only in the slug
                 slug += "_" + hashlib.sha256(event_type.encode()).hexdigest()[:8]
-            config = {"automation_type": "trigger", "type": event_type, "subtype": subtype,
+            # unique_id: HA 2024.3 drops it from a trigger's config, later versions want it; it names the
+            # config as this hub's own, as an entity's does.
+            config = {"automation_type": "trigger", "unique_id": f"{hub.identifier}_{exported.uid}_{slug}",
+                      "type": event_type, "subtype": subtype,
                       "topic": topics.event, "value_template": "{{ value_json.event_type }}",
                       "payload": event_type, "qos": 1, "device": block,
                       "origin": {"name": "hasync", "sw_version": hub.agent_version}}
