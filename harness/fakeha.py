@@ -3,9 +3,10 @@
 ``FakeHomeAssistant.open`` is a ``hasync.homeassistant.websocket.OpenWebSocket``: give it to
 ``HomeAssistantLink(open_websocket=...)`` or ``Agent(open_websocket=...)``. It speaks the frames hasync's
 link uses: the auth phase, ``ping``, ``get_states``, ``subscribe_events``/``unsubscribe_events`` for
-``state_changed``, ``call_service`` (``scene.apply`` with contexts, ``mqtt.publish``, ``automation.turn_on``
-and ``turn_off``), ``config_entries/get``, ``mqtt/subscribe``, ``config/entity_registry/get`` and the UI
-helpers' ``{domain}/delete``. Every frame it sends is a recorded frame of the real Home Assistant
+``state_changed`` and the registries' events, ``call_service`` (``scene.apply`` with contexts,
+``mqtt.publish``, ``automation.turn_on`` and ``turn_off``), ``config_entries/get``, ``mqtt/subscribe``,
+``config/entity_registry/get``, the UI helpers' ``{domain}/delete`` and the entity, device and area
+registries' ``list``. Every frame it sends is a recorded frame of the real Home Assistant
 (``harness/haframes.json``, see ``harness.haframes``) with its values filled in: the same keys, the same
 types, the same order of events and answers (a call's ``state_changed`` events come before its result).
 
@@ -14,7 +15,11 @@ entities HA does not have and leaves an entity unchanged when the value is not o
 ``input_number`` out of range, an ``input_select`` option it does not list); an unchanged value causes no
 event. The controls a test needs: ``set_state`` (a user's change), ``remove``, ``stop``/``start`` (HA down
 and back), ``mqtt_connected`` (HA's own MQTT client), ``mqtt_entry_state``, ``hang`` (no answers), and
-``calls`` (every command received).
+``calls`` (every command received). The registries, as an integration or a user changes them, each change
+announced by its ``*_registry_updated`` event as HA 2024.3 does (the entry's id, the action, for an update
+the old values of what changed): ``register``, ``update_entry`` (a rename moves the state to the new entity
+id; disabling removes it), ``unregister`` (and the state), ``add_device``/``update_device``/``remove_device``,
+``add_area``/``update_area``/``remove_area``.
 """
 
 from __future__ import annotations
@@ -137,6 +142,9 @@ class FakeHomeAssistant:
         self.admin = True  # the token's user may use mqtt/subscribe
         self.calls: list[dict[str, Any]] = []
         self.connections = 0
+        self.registry: dict[str, dict[str, Any]] = {}  # entity id -> its entity registry entry
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.areas: dict[str, dict[str, Any]] = {}
         self._registry_ids = itertools.count(1)
         for entity_id, (state, attributes) in (entities or {}).items():
             self.add(entity_id, state, attributes)
@@ -172,6 +180,79 @@ class FakeHomeAssistant:
         entity = self.entities.pop(entity_id, None)
         if entity is not None:
             self._changed(entity_id, entity, None)
+
+    # ---- the registries ---------------------------------------------------------------------------
+
+    def register(self, entity_id: str, *, platform: str, unique_id: str, device_id: str | None = None,
+                 area_id: str | None = None, name: str | None = None, original_name: str | None = None,
+                 disabled: bool = False) -> None:
+        """An entity registry entry appears (an integration set the entity up, a helper was made)."""
+        entry: dict[str, Any] = copy.deepcopy(_TEMPLATES["entity_registry_list"]["result"][0])
+        entry.update(entity_id=entity_id, platform=platform, unique_id=unique_id, device_id=device_id,
+                     area_id=area_id, name=name, original_name=original_name,
+                     disabled_by="user" if disabled else None, id=f"{next(self._registry_ids):032x}",
+                     config_entry_id=None if device_id is None else f"{hash(platform) & 0xffffffff:032x}")
+        self.registry[entity_id] = entry
+        self._fire("entity_registry_updated", {"action": "create", "entity_id": entity_id})
+
+    def update_entry(self, entity_id: str, **changes: Any) -> None:
+        """A user changes an entry (``new_entity_id``, ``name``, ``area_id``, ``disabled_by``...). A rename moves
+        the entity's state to the new id; disabling removes the state; as in HA, after the event."""
+        entry = self.registry[entity_id]
+        new_id = changes.pop("new_entity_id", entity_id)
+        old = {key: entry[key] for key in changes if entry.get(key) != changes[key]}
+        entry.update(changes)
+        data: dict[str, Any] = {"action": "update", "entity_id": new_id, "changes": old}
+        if new_id != entity_id:
+            old["entity_id"] = entity_id
+            entry["entity_id"] = new_id
+            data["old_entity_id"] = entity_id
+            del self.registry[entity_id]
+            self.registry[new_id] = entry
+        self._fire("entity_registry_updated", data)
+        state = self.entities.get(entity_id)
+        if state is not None and (new_id != entity_id or entry.get("disabled_by")):
+            self.remove(entity_id)
+            if not entry.get("disabled_by"):
+                self.add(new_id, state.state, state.attributes)
+
+    def unregister(self, entity_id: str) -> None:
+        """The entry is removed (the entity deleted, its device removed): the event, then its state goes."""
+        del self.registry[entity_id]
+        self._fire("entity_registry_updated", {"action": "remove", "entity_id": entity_id})
+        self.remove(entity_id)
+
+    def add_device(self, device_id: str, name: str, *, identifiers: list[list[str]], area_id: str | None = None,
+                   manufacturer: str | None = None, model: str | None = None) -> None:
+        device: dict[str, Any] = copy.deepcopy(_TEMPLATES["device_registry_list"]["result"][0])
+        device.update(id=device_id, name=name, identifiers=identifiers, area_id=area_id, manufacturer=manufacturer,
+                      model=model)
+        self.devices[device_id] = device
+        self._fire("device_registry_updated", {"action": "create", "device_id": device_id})
+
+    def update_device(self, device_id: str, **changes: Any) -> None:
+        device = self.devices[device_id]
+        old = {key: device[key] for key in changes if device.get(key) != changes[key]}
+        device.update(changes)
+        self._fire("device_registry_updated", {"action": "update", "device_id": device_id, "changes": old})
+
+    def remove_device(self, device_id: str) -> None:
+        del self.devices[device_id]
+        self._fire("device_registry_updated", {"action": "remove", "device_id": device_id})
+
+    def add_area(self, area_id: str, name: str) -> None:
+        area: dict[str, Any] = copy.deepcopy(_TEMPLATES["area_registry_list"]["result"][0])
+        area.update(area_id=area_id, name=name)
+        self.areas[area_id] = area
+        self._fire("area_registry_updated", {"action": "create", "area_id": area_id})
+
+    def update_area(self, area_id: str, name: str) -> None:
+        self.areas[area_id]["name"] = name
+        self._fire("area_registry_updated", {"action": "update", "area_id": area_id})
+
+    def remove_area(self, area_id: str) -> None:
+        del self.areas[area_id]
+        self._fire("area_registry_updated", {"action": "remove", "area_id": area_id})
 
     def state(self, entity_id: str) -> str | None:
         entity = self.entities.get(entity_id)
@@ -258,6 +339,15 @@ class FakeHomeAssistant:
             return
         ws.subscriptions[ident] = f"mqtt:{message.get('topic')}"
         self._result(ws, ident, None)
+
+    def _config_entity_registry_list(self, ws: FakeWebSocket, ident: int, message: dict[str, Any]) -> None:
+        self._result(ws, ident, copy.deepcopy(list(self.registry.values())))
+
+    def _config_device_registry_list(self, ws: FakeWebSocket, ident: int, message: dict[str, Any]) -> None:
+        self._result(ws, ident, copy.deepcopy(list(self.devices.values())))
+
+    def _config_area_registry_list(self, ws: FakeWebSocket, ident: int, message: dict[str, Any]) -> None:
+        self._result(ws, ident, copy.deepcopy(list(self.areas.values())))
 
     def _config_entity_registry_get(self, ws: FakeWebSocket, ident: int, message: dict[str, Any]) -> None:
         entity = self.entities.get(str(message.get("entity_id")))
@@ -363,6 +453,15 @@ class FakeHomeAssistant:
             for ident, kind in ws.subscriptions.items():
                 if kind == "state_changed":
                     ws.push({**_frame("state_changed", id=ident), "event": event})
+
+    def _fire(self, event_type: str, data: dict[str, Any]) -> None:
+        template = _TEMPLATES[f"{event_type}_{data['action']}"]
+        event = copy.deepcopy(template["event"])
+        event.update(data=data, time_fired=_now(), context=_context(user=False))
+        for ws in list(self.sockets):
+            for ident, kind in ws.subscriptions.items():
+                if kind == event_type:
+                    ws.push({**copy.deepcopy(template), "id": ident, "event": copy.deepcopy(event)})
 
     def _mqtt_message(self, topic: str, payload: str) -> None:
         for ws in list(self.sockets):

@@ -137,16 +137,8 @@ async def record(url: str, token: str, stop_broker: Callable[[], None] | None = 
                 "service_data": {"topic": topic, "payload": "probe", "qos": 0, "retain": False}})
             r.pending = before + r.pending
             [frames["mqtt_message"]] = await r.events(mqtt_subscription, 1)
-            # Helpers made in the UI: the registry entry, and deleting one.
-            created, _ = await r.command({"type": "input_boolean/create", "name": "hasync recorded"})
-            frames["input_boolean_create"] = created
-            entity_id = f"input_boolean.{created['result']['id']}"
-            frames["entity_registry_get"], _ = await r.command({"type": "config/entity_registry/get",
-                                                                "entity_id": entity_id})
-            frames["entity_registry_get_missing"], _ = await r.command({"type": "config/entity_registry/get",
-                                                                        "entity_id": "input_boolean.nothing_here"})
-            frames["input_boolean_delete"], _ = await r.command({"type": "input_boolean/delete",
-                                                                 "input_boolean_id": created["result"]["id"]})
+            frames.update(await _record_helpers(r))
+            frames.update(await _record_registries(r))
             if stop_broker is not None:
                 await asyncio.to_thread(stop_broker)
                 for _attempt in range(50):  # until HA's MQTT client has noticed
@@ -159,6 +151,76 @@ async def record(url: str, token: str, stop_broker: Callable[[], None] | None = 
                     await asyncio.sleep(0.2)
                 frames["config_entries_get_disconnected"], _ = await r.command(
                     {"type": "config_entries/get", "domain": "mqtt"})
+    return frames
+
+
+async def _record_helpers(r: _Recorder) -> dict[str, Any]:
+    """Helpers made in the UI: the registry entry, and deleting one."""
+    frames: dict[str, Any] = {}
+    created, _ = await r.command({"type": "input_boolean/create", "name": "hasync recorded"})
+    frames["input_boolean_create"] = created
+    entity_id = f"input_boolean.{created['result']['id']}"
+    frames["entity_registry_get"], _ = await r.command({"type": "config/entity_registry/get", "entity_id": entity_id})
+    frames["entity_registry_get_missing"], _ = await r.command({"type": "config/entity_registry/get",
+                                                                "entity_id": "input_boolean.nothing_here"})
+    frames["input_boolean_delete"], _ = await r.command({"type": "input_boolean/delete",
+                                                         "input_boolean_id": created["result"]["id"]})
+    return frames
+
+
+async def _record_registries(r: _Recorder) -> dict[str, Any]:
+    """The registry events (created, updated, removed) of an entity, a device and an area, and the registry
+    lists (cut to what the recording made: a UI helper, an MQTT entity with its device, an area)."""
+    frames: dict[str, Any] = {}
+    subscriptions = {}
+    for event_type in ("entity_registry_updated", "device_registry_updated", "area_registry_updated"):
+        await r.command({"type": "subscribe_events", "event_type": event_type})
+        subscriptions[event_type] = r.next_id
+
+    async def run(message: dict[str, Any]) -> dict[str, Any]:
+        answer, before = await r.command(message)
+        r.pending = before + r.pending  # the events a command caused come before its answer
+        return answer
+
+    async def event(event_type: str, name: str) -> None:
+        [frames[f"{event_type}_{name}"]] = await r.events(subscriptions[event_type], 1)
+
+    created = await run({"type": "input_boolean/create", "name": "hasync registry"})
+    helper = f"input_boolean.{created['result']['id']}"
+    await event("entity_registry_updated", "create")
+    await run({"type": "config/entity_registry/update", "entity_id": helper, "new_entity_id": helper + "_renamed"})
+    await event("entity_registry_updated", "update")  # a rename: with old_entity_id
+    area = await run({"type": "config/area_registry/create", "name": "hasync recorded"})
+    area_id = area["result"]["area_id"]
+    await event("area_registry_updated", "create")
+    await run({"type": "config/area_registry/update", "area_id": area_id, "name": "hasync recorded 2"})
+    await event("area_registry_updated", "update")
+    # An MQTT entity with a device, by discovery: the device registry's events and list.
+    topic = f"homeassistant/switch/hasync_record/{secrets.token_hex(4)}/config"
+    config = {"name": "recorded", "unique_id": f"hasync_record_{secrets.token_hex(4)}",
+              "command_topic": "hasync/record/set", "device": {"identifiers": ["hasync_record"], "name": "Recorded"}}
+    data = {"topic": topic, "payload": json.dumps(config), "qos": 1, "retain": False}
+    publish = {"type": "call_service", "domain": "mqtt", "service": "publish", "service_data": data}
+    await run(publish)
+    await event("device_registry_updated", "create")
+    await r.events(subscriptions["entity_registry_updated"], 1)  # the MQTT entity's
+    [device] = [d for d in (await run({"type": "config/device_registry/list"}))["result"]
+                if ["mqtt", "hasync_record"] in d["identifiers"]]
+    await run({"type": "config/device_registry/update", "device_id": device["id"], "area_id": area_id})
+    await event("device_registry_updated", "update")
+    kept = {"entity": ("unique_id", {created["result"]["id"], config["unique_id"]}),
+            "device": ("id", {device["id"]}), "area": ("area_id", {area_id})}
+    for kind, (key, values) in kept.items():
+        answer = await run({"type": f"config/{kind}_registry/list"})
+        answer["result"] = [item for item in answer["result"] if item[key] in values]
+        frames[f"{kind}_registry_list"] = answer
+    await run({"type": "input_boolean/delete", "input_boolean_id": created["result"]["id"]})
+    await event("entity_registry_updated", "remove")
+    await run({**publish, "service_data": {**data, "payload": ""}})  # MQTT removes the entity and its device
+    await r.events(subscriptions["entity_registry_updated"], 1)
+    await event("device_registry_updated", "remove")
+    await run({"type": "config/area_registry/delete", "area_id": area_id})
+    await event("area_registry_updated", "remove")
     return frames
 
 

@@ -343,9 +343,16 @@ class Agent:
                 exporter.on_state_changed(event)
 
         watching = watch is not None or exporter is not None
+        registry_events: tuple[str, ...] = ()
+        if exporter is not None:
+            from .federation.hub import REGISTRY_EVENTS
+
+            registry_events = tuple(REGISTRY_EVENTS)
         self._ha = await stack.enter_async_context(HomeAssistantLink(
             ha.url, ha.token, on_change=self._on_ha_health, probe_topic=self.topics.ha_probe(self.node_id),
             on_states=on_states if watching else None, on_state_changed=on_state_changed if watching else None,
+            event_types=registry_events,
+            on_event=exporter.on_registry_updated if exporter is not None else None,
             open_websocket=self._open_websocket, websocket_url=ha.websocket_url))
         if watch is not None:
             watch.link = self._ha
@@ -360,8 +367,8 @@ class Agent:
             return Rules(frozenset(r.domains), frozenset(r.entities), tuple(r.entity_globs), frozenset(r.devices),
                          frozenset(r.areas))
 
-        hub = Hub(self.config.topic_prefix, self.config.cluster, self.config.homeassistant.discovery_prefix,
-                  __version__)
+        hub = Hub(self.config.topic_prefix, self.config.cluster,
+                  fed.discovery_prefix or self.config.homeassistant.discovery_prefix, __version__)
 
         async def ha_command(message: dict[str, Any]) -> Any:
             assert self._ha is not None
@@ -369,7 +376,7 @@ class Agent:
 
         return Exporter(hub, Selection(rules(fed.include), rules(fed.exclude)), ha_command=ha_command,
                         connect=self._connect, client_id=f"hasync-{self.node_id}-{self.incarnation}",
-                        metrics=self.metrics)
+                        metrics=self.metrics, removal_grace=fed.removal_grace, clock=self.clock)
 
     async def _shutdown(self) -> None:
         """Hand over (the release waits for the demote hook and the automations), then the offline status."""
@@ -778,6 +785,7 @@ class Agent:
                 "detail": self._ha_health[1] if self._ha_health else "connecting",
             },
             "sync": None if self.replica is None else self.replica.status(),
+            "federation": None if self.exporter is None else self.exporter.status(),
             "vip": None if self.vip is None else self.vip.status(),
             "kept": self.effects.kept.status(),  # resources kept through a broker outage, if any
             "incarnation": self.incarnation,

@@ -581,6 +581,18 @@ class FederationConfig(_Model):
 
     include: FederationRules = FederationRules()
     exclude: FederationRules = FederationRules()
+    # Seconds an entity no longer exported (removed, disabled, excluded) stays on main, unavailable, before its
+    # config is cleared and main deletes it; one that comes back within it loses nothing on main. Longer than
+    # a Home Assistant start may take to set up its integrations (HA's own bootstrap gives them up to 12 min).
+    removal_grace: Annotated[float, Field(ge=0)] = 900.0
+    # The discovery prefix main's MQTT integration reads; by default homeassistant.discovery_prefix. Set it
+    # when the hub's own Home Assistant reads another prefix (so that it does not import the hub's exports).
+    discovery_prefix: str | None = None
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        return None if value is None else validate_prefix(value)
 
 
 class HttpConfig(_Model):

@@ -38,6 +38,16 @@ class Metrics:
                                            ["result"], registry=r)
         self.federation_dropped = Counter("hasync_federation_state_changes_dropped",
                                           "State changes dropped because too many were waiting", registry=r)
+        self.federation_retiring = Gauge("hasync_federation_retiring", "Configs on main of entities no longer "
+                                         "exported, waiting out the removal grace before they are cleared",
+                                         registry=r)
+        self.federation_cleared = Counter("hasync_federation_cleared", "Configs cleared on main (entities main "
+                                          "deleted) after the removal grace", registry=r)
+        self.federation_rereads = Counter("hasync_federation_registry_reads", "Registry lists read again after "
+                                          "Home Assistant's registry events (debounced)", registry=r)
+        self.federation_self_imported = Gauge("hasync_federation_self_imported", "Entities of the hub's own Home "
+                                              "Assistant that are MQTT copies of its exports (it reads the prefix "
+                                              "the hub exports to)", registry=r)
         self.priority = Gauge("hasync_priority", "This node's priority, with its health checks' weights", registry=r)
         self.internal_errors = Counter("hasync_internal_errors", "Unexpected errors the agent caught and survived "
                                        "(bugs: each is logged with its traceback)", ["where"], registry=r)

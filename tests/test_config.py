@@ -740,6 +740,7 @@ def test_the_example_configurations_are_valid(tmp_path: Path) -> None:
     assert [c.when for c in recipe.health_checks if c.type == "dns"] == ["primary"]
     hub = load_config(root / "federation" / "hub.yaml", env={})
     assert hub.federation is not None and hub.federation.include.areas == ["Kitchen", "Hall", "Garden"]
+    assert hub.federation.removal_grace == 900 and hub.federation.discovery_prefix is None
 
 
 def test_federation_needs_home_assistant_and_rejects_unknown_keys() -> None:
@@ -747,3 +748,6 @@ def test_federation_needs_home_assistant_and_rejects_unknown_keys() -> None:
         federation={"include": {"domains": ["light"]}})
     assert "federation.include.rooms" in config_error(
         federation={"include": {"rooms": ["x"]}}, homeassistant={"url": "http://h:8123", "token": "t"})
+    ha = {"url": "http://h:8123", "token": "t"}
+    assert "federation.removal_grace" in config_error(federation={"removal_grace": -1}, homeassistant=ha)
+    assert "federation.discovery_prefix" in config_error(federation={"discovery_prefix": "a/#"}, homeassistant=ha)

@@ -30,6 +30,38 @@ async def _frames(ws: FakeWebSocket) -> list[dict[str, Any]]:
     return frames
 
 
+async def _registry_frames(fake: FakeHomeAssistant, command: Any, out: dict[str, Any]) -> None:
+    """As the recording: a helper created and renamed, an area, an MQTT entity with its device."""
+    for event_type in ("entity_registry_updated", "device_registry_updated", "area_registry_updated"):
+        await command({"type": "subscribe_events", "event_type": event_type})
+    ws = next(iter(fake.sockets))
+    fake.register("input_boolean.hasync_registry", platform="input_boolean", unique_id="hasync_registry",
+                  original_name="hasync registry")
+    [out["entity_registry_updated_create"]] = await _frames(ws)
+    fake.update_entry("input_boolean.hasync_registry", new_entity_id="input_boolean.hasync_registry_renamed")
+    [out["entity_registry_updated_update"]] = await _frames(ws)
+    fake.add_area("hasync_recorded", "hasync recorded")
+    [out["area_registry_updated_create"]] = await _frames(ws)
+    fake.update_area("hasync_recorded", "hasync recorded 2")
+    [out["area_registry_updated_update"]] = await _frames(ws)
+    fake.add_device("81b26c7c", "Recorded", identifiers=[["mqtt", "hasync_record"]])
+    [out["device_registry_updated_create"]] = await _frames(ws)
+    fake.register("switch.recorded_recorded", platform="mqtt", unique_id="hasync_record_1", device_id="81b26c7c",
+                  original_name="recorded")
+    await _frames(ws)
+    fake.update_device("81b26c7c", area_id="hasync_recorded")
+    [out["device_registry_updated_update"]] = await _frames(ws)
+    for kind in ("entity", "device", "area"):
+        [out[f"{kind}_registry_list"]] = await command({"type": f"config/{kind}_registry/list"})
+    fake.unregister("input_boolean.hasync_registry_renamed")
+    [out["entity_registry_updated_remove"]] = await _frames(ws)
+    fake.unregister("switch.recorded_recorded")
+    fake.remove_device("81b26c7c")
+    [_, out["device_registry_updated_remove"]] = await _frames(ws)
+    fake.remove_area("hasync_recorded")
+    [out["area_registry_updated_remove"]] = await _frames(ws)
+
+
 def _fake_frames() -> dict[str, Any]:
     """The fake's frame for every recorded kind, produced the way the recording produced the real ones."""
 
@@ -83,6 +115,7 @@ def _fake_frames() -> dict[str, Any]:
             "type": "call_service", "domain": "mqtt", "service": "publish",
             "service_data": {"topic": "hasync/t", "payload": "probe", "qos": 0, "retain": False}})
         [out["config_entries_get_disconnected"]] = await command({"type": "config_entries/get", "domain": "mqtt"})
+        await _registry_frames(fake, command, out)
         return out
 
     return vclock.run(session())

@@ -129,6 +129,9 @@ class Entry:
 
 
 _UID = re.compile(r"[^a-z0-9]")
+_UID_TEXT = re.compile(r"[a-z0-9]{1,64}")
+_COMPONENT = re.compile(r"[a-z_]{1,32}")
+MAX_CONFIG_BYTES = 65_536  # a retained config beyond this is not one of ours (ours are a few kB)
 
 
 def uid(entry: Entry) -> str:
@@ -167,6 +170,46 @@ class Hub:
 
     def topics(self, entity_uid: str) -> mapping.Topics:
         return mapping.Topics(f"{self.base}/{entity_uid}")
+
+    def config_topic(self, component: str, entity_uid: str) -> str:
+        # The hub's own node level (<prefix>/<component>/<node id>/<object id>/config): a broker ACL can give
+        # a hub's user its configs and nothing else's (a `+` cannot match part of a level).
+        return f"{self.discovery_prefix}/{component}/{self.identifier}/{entity_uid}/config"
+
+    @property
+    def configs_filter(self) -> str:
+        """Every discovery config under this hub's node id, and no other hub's."""
+        return f"{self.discovery_prefix}/+/{self.identifier}/+/config"
+
+    def parse_config_topic(self, topic: str) -> tuple[str, str] | None:
+        """(component, uid) of a config topic under this hub's node id; None for any other topic."""
+        head = self.discovery_prefix + "/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) != 4 or parts[1] != self.identifier or parts[3] != "config":
+            return None
+        component, entity_uid = parts[0], parts[2]
+        if not (_COMPONENT.fullmatch(component) and _UID_TEXT.fullmatch(entity_uid)):
+            return None
+        return component, entity_uid
+
+    def owns_config(self, entity_uid: str, payload: bytes) -> bool:
+        """Whether a retained config is this hub's own (its unique id says so): only those are ever cleared."""
+        if not payload or len(payload) > MAX_CONFIG_BYTES:
+            return False
+        try:
+            config = json.loads(payload)
+        except ValueError:
+            return False
+        return isinstance(config, dict) and config.get("unique_id") == f"{self.identifier}_{entity_uid}"
+
+    def self_imported(self, entries: Mapping[str, Entry]) -> list[str]:
+        """Entities of the hub's own Home Assistant that are MQTT copies of this hub's exports: its HA reads
+        the discovery prefix the hub exports to (never exported again: see ``exportable``)."""
+        mine = f"{self.identifier}_"
+        return sorted(e.entity_id for e in entries.values()
+                      if e.platform == "mqtt" and (e.unique_id or "").startswith(mine))
 
 
 @dataclass(frozen=True)
@@ -257,9 +300,13 @@ def discovery_message(hub: Hub, exported: Exported, state: str,
         config["icon"] = entry.icon
     if entry.entity_category in ("config", "diagnostic"):
         config["entity_category"] = entry.entity_category
-    # The hub's own node level (<prefix>/<component>/<node id>/<object id>/config): a broker ACL can give a
-    # hub's user its configs and nothing else's (a `+` cannot match part of a level).
-    return f"{hub.discovery_prefix}/{component}/{hub.identifier}/{exported.uid}/config", config
+    return hub.config_topic(component, exported.uid), config
+
+
+def retired_state(component: str) -> bytes:
+    """The retained state of an entity that is no longer exported, until its config is cleared: unavailable.
+    (Only a light's state message has a schema of its own, and only the light domain becomes a light.)"""
+    return mapping.state_payload(f"{component}.retired", "unavailable", {})
 
 
 def trigger_messages(hub: Hub, events: Iterable[tuple[Exported, Mapping[str, Any]]]

@@ -44,9 +44,13 @@ State watching (for entity sync), when ``on_states`` and ``on_state_changed`` ar
 connection the link subscribes to ``state_changed`` events and then asks for ``get_states``. HA sends both
 over the one websocket in the order it handled them, so every event that arrives before the ``get_states``
 answer is already reflected in it: those events are discarded, ``on_states(states)`` gets the snapshot, and
-every later event goes to ``on_state_changed(event)`` in order. :meth:`apply_states` sets entities through
-HA's reproduce-state path (``scene.apply``) and returns the context id of the call: the ``state_changed``
-events it caused carry that id (and arrive before the call's answer).
+every later event goes to ``on_state_changed(event)`` in order. With ``event_types``, the link also subscribes
+to those events (before the snapshot, on every connection) and hands each to ``on_event(event)``: the
+federation hub follows the registries this way (a subscription HA refuses is logged once and done without;
+whatever changed while the link was down, the snapshot that follows a reconnect says to look again).
+:meth:`apply_states` sets entities through HA's reproduce-state path (``scene.apply``) and returns the
+context id of the call: the ``state_changed`` events it caused carry that id (and arrive before the call's
+answer).
 ``on_change(healthy, detail)`` is called with the first result and then on every flip. A failure is
 logged at WARNING (a rejected token at ERROR) the first time its detail is seen in a streak of
 failures, and at DEBUG when it repeats; recovery is logged at INFO.
@@ -60,7 +64,7 @@ import asyncio
 import enum
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -109,6 +113,8 @@ class HomeAssistantLink:
         probe_topic: str | None = None,
         on_states: Callable[[list[dict[str, Any]]], None] | None = None,
         on_state_changed: Callable[[dict[str, Any]], None] | None = None,
+        event_types: Sequence[str] = (),
+        on_event: Callable[[dict[str, Any]], None] | None = None,
         websocket_url: str | None = None,
         open_websocket: OpenWebSocket | None = None,
     ) -> None:
@@ -147,6 +153,9 @@ class HomeAssistantLink:
         self.ha_version: str | None = None
         self._on_states = on_states
         self._on_state_changed = on_state_changed
+        self._event_types = tuple(event_types) if on_event is not None else ()
+        self._on_event = on_event
+        self._refused_events: set[str] = set()
         self.websocket_url = websocket_url or self.url + WS_PATH
         self._open_websocket = open_websocket
 
@@ -309,12 +318,16 @@ class HomeAssistantLink:
             on_states(states if isinstance(states, list) else [])
 
         while not conn.closed.is_set():
+            subscriptions: list[int] = []
             try:
-                subscription = await conn.subscribe({"type": "subscribe_events", "event_type": "state_changed"}, handle)
                 try:
+                    await self._subscribe_events(conn, subscriptions)
+                    subscriptions.append(await conn.subscribe(
+                        {"type": "subscribe_events", "event_type": "state_changed"}, handle))
                     await conn.command({"type": "get_states"}, on_answer=snapshot)
                 except BaseException:
-                    conn.forget(subscription)
+                    for subscription in subscriptions:
+                        conn.forget(subscription)
                     raise
             except NotConnected:
                 return
@@ -323,6 +336,24 @@ class HomeAssistantLink:
                 await wait_or(conn.closed, self._check_interval)
                 continue
             return
+
+    async def _subscribe_events(self, conn: Connection, subscriptions: list[int]) -> None:
+        """Subscribe to ``event_types``, appending each subscription to ``subscriptions``."""
+        on_event = self._on_event
+
+        def handle(event: Any) -> None:
+            if on_event is not None and isinstance(event, dict):
+                on_event(event)
+
+        for event_type in self._event_types:
+            try:
+                subscriptions.append(await conn.subscribe({"type": "subscribe_events", "event_type": event_type},
+                                                          handle))
+            except CommandFailed as exc:
+                if event_type not in self._refused_events:
+                    self._refused_events.add(event_type)
+                    logger.warning("Home Assistant at %s refused a subscription to %s events: %s", self.url,
+                                   event_type, exc)
 
     async def _check_loop(self, conn: Connection) -> bool:
         loop = asyncio.get_running_loop()
