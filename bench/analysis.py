@@ -57,8 +57,8 @@ and `py-spy dump`:
   128 unacknowledged publishes: 16 round trips through the broker, 0.1 s on an idle machine, 1.6-2.3 s
   at load 11). The agent's whole CPU from process start to main holding everything is about 1 s, most
   of it imports. The time goes (1) to the election: a node alone observes one lease (3 s) before it may
-  claim, so primary comes 3.7 s after the process starts on an idle machine; (2) to main's HA creating
-  the entities: about 2-3 s of main's CPU per 1,000 (entity registry, four subscriptions per entity,
+  claim, so primary comes 3.7 s after the process starts at load 2-3; (2) to main's HA creating
+  the entities: about 2.5-3 s of main's CPU per 1,000 (entity registry, four subscriptions per entity,
   templates), which on a shared two-core machine stretches to 6-11 s of wall time. Trimming the config
   (no attributes topic, no per-entity availability) changed main's CPU by less than the run-to-run
   noise (1.7-2.3 s per 1,000). A hub whose own HA reads the discovery prefix doubles that work on the

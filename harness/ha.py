@@ -497,17 +497,29 @@ class HomeAssistant:
             time.sleep(_POLL_INTERVAL)
 
     def _mqtt_options(self, options: dict[str, Any]) -> None:
-        """The MQTT entry's options flow (the broker again, then the options; the rest keep their defaults).
-        HA reloads the entry when it ends, before it answers another request: the caller waits for it loaded."""
+        """The MQTT entry's options flow (the broker again, then the options; the rest keep their defaults),
+        and the reload of the entry that follows it. (HA reloads it in a task of its own: until then the old
+        entry shows loaded, and while it reloads ``mqtt.publish`` is missing, which an agent's health check
+        then reports as HA's MQTT connection down.)"""
         _, [entry] = self._request("GET", "/api/config/config_entries/entry?domain=mqtt")
+
+        def mqtt(state: Callable[[str], bool]) -> Callable[[Any], bool]:
+            return lambda changes: any(isinstance(c, dict) and c.get("entry", {}).get("entry_id") == entry["entry_id"]
+                                       and state(c["entry"].get("state", "")) for c in changes)
+
         path = "/api/config/config_entries/options/flow"
-        _, flow = self._request("POST", path, {"handler": entry["entry_id"]})
-        for step in ({"broker": HOST, "port": self.mqtt_port}, options):
-            if flow.get("type") != "form":
-                break
-            _, flow = self._request("POST", f"{path}/{flow['flow_id']}", step)
-        if flow.get("type") != "create_entry":
-            raise HomeAssistantError(f"the MQTT options flow ended with {flow}")
+        with self.subscribe({"type": "config_entries/subscribe"}) as changes:
+            _, flow = self._request("POST", path, {"handler": entry["entry_id"]})
+            for step in ({"broker": HOST, "port": self.mqtt_port}, options):
+                if flow.get("type") != "form":
+                    break
+                _, flow = self._request("POST", f"{path}/{flow['flow_id']}", step)
+            if flow.get("type") != "create_entry":
+                raise HomeAssistantError(f"the MQTT options flow ended with {flow}")
+            unloaded, _ = changes.wait_for(mqtt(lambda state: state != "loaded"), REQUEST_TIMEOUT,
+                                           "the MQTT entry to reload with its new options")
+            changes.wait_for(mqtt(lambda state: state == "loaded"), START_TIMEOUT, "the MQTT entry loaded again",
+                             start=unloaded + 1)
 
     # --- plumbing -------------------------------------------------------------------------------------
 
