@@ -49,6 +49,20 @@ and `py-spy dump`:
   over the 30 s window: the memory backend keeps a log of every apply for the benchmark to read (up to
   200,000 entries, 1,000 more a second), which an agent with Home Assistant does not have. Not measured
   here: an agent syncing with a real HA under load.
+- **Federation at 1,000 entities** (`federation-ha`, investigated 2026-12-03 with `py-spy record` of the
+  agent and of main's HA, and timings added to the exporter for the investigation): the exporter is not
+  what bounds the time to main. Its start costs about 0.1 s of CPU: the registries and states are read once
+  (0.01-0.04 s each), the 1,000 configs and states built and handed to paho with `send` (no awaited
+  publish each: 0.17-0.33 s), then `online` is published and acknowledged behind them (paho's window of
+  128 unacknowledged publishes: 16 round trips through the broker, 0.1 s on an idle machine, 1.6-2.3 s
+  at load 11). The agent's whole CPU from process start to main holding everything is about 1 s, most
+  of it imports. The time goes (1) to the election: a node alone observes one lease (3 s) before it may
+  claim, so primary comes 3.7 s after the process starts at load 2-3; (2) to main's HA creating
+  the entities: about 2.5-3 s of main's CPU per 1,000 (entity registry, four subscriptions per entity,
+  templates), which on a shared two-core machine stretches to 6-11 s of wall time. Trimming the config
+  (no attributes topic, no per-entity availability) changed main's CPU by less than the run-to-run
+  noise (1.7-2.3 s per 1,000). A hub whose own HA reads the discovery prefix doubles that work on the
+  hub: keep the hub HA's MQTT discovery off.
 - **amqtt** forwards more slowly than Mosquitto, and in the plain loop's 1,000 msg/s phase (run right
   after the 100 msg/s phase on the same broker) the first ~500 messages arrive 2.6-5 s late, then
   latency is back under a few ms. During that stall the broker process is idle (`py-spy dump`: waiting

@@ -29,10 +29,12 @@ Exceptions::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -170,15 +172,18 @@ class HomeAssistant:
 
     ``mqtt_port``: if given, ``start()`` adds the MQTT integration for a broker on ``mqtt_host`` at that port
     (once per config dir), logging in as ``mqtt_username`` with ``mqtt_password`` if given, and returns only
-    when its config entry is loaded. ``bulk_helpers``, ``recorder`` and ``demo`` (HA's demo integration) go
-    to ``configuration()``. ``host``: the address HA's HTTP server listens on; ``command_prefix``: what runs
-    HA's command (``ip netns exec NS`` to run it in a namespace of harness.netns, with ``host`` its address).
+    when its config entry is loaded; ``mqtt_discovery=False`` turns its MQTT discovery off (a federation hub's
+    HA, which must not import its own exports). ``bulk_helpers``, ``recorder`` and ``demo`` (HA's demo
+    integration) go to ``configuration()``. ``host``: the address HA's HTTP server listens on;
+    ``command_prefix``: what runs HA's command (``ip netns exec NS`` to run it in a namespace of harness.netns,
+    with ``host`` its address).
     """
 
     def __init__(
-        self, workdir: Path, *, name: str, mqtt_port: int | None = None, bulk_helpers: int = 0, recorder: bool = False,
-        demo: bool = False, mqtt_host: str = HOST, mqtt_username: str | None = None, mqtt_password: str | None = None,
-        host: str = HOST, command_prefix: Sequence[str] = (),
+        self, workdir: Path, *, name: str, mqtt_port: int | None = None, mqtt_discovery: bool = True,
+        bulk_helpers: int = 0, recorder: bool = False, demo: bool = False, mqtt_host: str = HOST,
+        mqtt_username: str | None = None, mqtt_password: str | None = None, host: str = HOST,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +194,7 @@ class HomeAssistant:
         self.mqtt_password = mqtt_password
         self.host = host
         self.command_prefix = list(command_prefix)
+        self.mqtt_discovery = mqtt_discovery
         self.bulk_helpers = bulk_helpers
         self.recorder = recorder
         self.demo = demo
@@ -226,6 +232,13 @@ class HomeAssistant:
                 raise HomeAssistantError("no token before the first start()")
             self._token = str(json.loads(self.credentials_path.read_text())["token"])
         return self._token
+
+    @property
+    def pid(self) -> int:
+        """The running HA's process id."""
+        if self._process is None:
+            raise HomeAssistantError(f"{self.name} is not running")
+        return self._process.pid
 
     @property
     def running(self) -> bool:
@@ -326,6 +339,11 @@ class HomeAssistant:
         """Send websocket commands (without ids) on one connection, in order; return their results.
         Raises HomeAssistantError if HA answers one with an error."""
         return self._websocket(list(commands), self.token)
+
+    def subscribe(self, message: dict[str, Any]) -> Subscription:
+        """A websocket subscription (``subscribe_events``, ``subscribe_trigger``...) recording what it delivers;
+        close it (or use it as a context manager)."""
+        return Subscription(self.url.replace("http", "ws", 1) + "/api/websocket", self.token, message)
 
     def history(self, entity_ids: list[str], since: float, timeout: float = 15.0) -> dict[str, list[dict[str, Any]]]:
         """Each entity's states from wall time ``since`` on, oldest first: the one it had then (if any), then
@@ -445,12 +463,7 @@ class HomeAssistant:
             aiohttp.ClientSession() as session,
             session.ws_connect(f"{self.url}/api/websocket", max_msg_size=0) as ws,
         ):
-            greeting = await ws.receive_json()
-            if greeting.get("type") != "auth_required":
-                raise HomeAssistantError(f"websocket greeted with {greeting}")
-            await ws.send_json({"type": "auth", "access_token": access_token})
-            if (answer := await ws.receive_json()).get("type") != "auth_ok":
-                raise HomeAssistantError(f"websocket authentication answered {answer}")
+            await _authenticate(ws, access_token)
             results = []
             for msg_id, command in enumerate(commands, start=1):
                 await ws.send_json({"id": msg_id, **command})
@@ -480,12 +493,12 @@ class HomeAssistant:
         if not existing:
             _, flow = self._request("POST", "/api/config/config_entries/flow", {"handler": "mqtt"})
             if flow.get("type") == "form":
-                broker: dict[str, Any] = {"broker": self.mqtt_host, "port": self.mqtt_port}
-                if self.mqtt_username is not None:
-                    broker.update(username=self.mqtt_username, password=self.mqtt_password or "")
-                _, flow = self._request("POST", f"/api/config/config_entries/flow/{flow['flow_id']}", broker)
+                _, flow = self._request("POST", f"/api/config/config_entries/flow/{flow['flow_id']}",
+                                        self._mqtt_broker())
             if flow.get("type") != "create_entry":
                 raise HomeAssistantError(f"the MQTT config flow for port {self.mqtt_port} ended with {flow}")
+            if not self.mqtt_discovery:
+                self._mqtt_options({"discovery": False})
         while True:
             _, existing = self._request("GET", entries)
             if existing and existing[0]["state"] == "loaded":
@@ -493,6 +506,38 @@ class HomeAssistant:
             if time.monotonic() >= deadline:
                 raise HomeAssistantError(f"the MQTT config entry is not loaded after {START_TIMEOUT} s: {existing}")
             time.sleep(_POLL_INTERVAL)
+
+    def _mqtt_broker(self) -> dict[str, Any]:
+        """The MQTT entry's broker step: address, port and the login if any."""
+        broker: dict[str, Any] = {"broker": self.mqtt_host, "port": self.mqtt_port}
+        if self.mqtt_username is not None:
+            broker.update(username=self.mqtt_username, password=self.mqtt_password or "")
+        return broker
+
+    def _mqtt_options(self, options: dict[str, Any]) -> None:
+        """The MQTT entry's options flow (the broker again, then the options; the rest keep their defaults),
+        and the reload of the entry that follows it. (HA reloads it in a task of its own: until then the old
+        entry shows loaded, and while it reloads ``mqtt.publish`` is missing, which an agent's health check
+        then reports as HA's MQTT connection down.)"""
+        _, [entry] = self._request("GET", "/api/config/config_entries/entry?domain=mqtt")
+
+        def mqtt(state: Callable[[str], bool]) -> Callable[[Any], bool]:
+            return lambda changes: any(isinstance(c, dict) and c.get("entry", {}).get("entry_id") == entry["entry_id"]
+                                       and state(c["entry"].get("state", "")) for c in changes)
+
+        path = "/api/config/config_entries/options/flow"
+        with self.subscribe({"type": "config_entries/subscribe"}) as changes:
+            _, flow = self._request("POST", path, {"handler": entry["entry_id"]})
+            for step in (self._mqtt_broker(), options):
+                if flow.get("type") != "form":
+                    break
+                _, flow = self._request("POST", f"{path}/{flow['flow_id']}", step)
+            if flow.get("type") != "create_entry":
+                raise HomeAssistantError(f"the MQTT options flow ended with {flow}")
+            unloaded, _ = changes.wait_for(mqtt(lambda state: state != "loaded"), REQUEST_TIMEOUT,
+                                           "the MQTT entry to reload with its new options")
+            changes.wait_for(mqtt(lambda state: state == "loaded"), START_TIMEOUT, "the MQTT entry loaded again",
+                             start=unloaded + 1)
 
     # --- plumbing -------------------------------------------------------------------------------------
 
@@ -536,20 +581,109 @@ class HomeAssistant:
         return f"Home Assistant {self.name!r} ({self.url}) {what}; log {self.log_path}:\n{self.log_tail()}"
 
 
+async def _authenticate(ws: aiohttp.ClientWebSocketResponse, access_token: str) -> None:
+    greeting = await ws.receive_json()
+    if greeting.get("type") != "auth_required":
+        raise HomeAssistantError(f"websocket greeted with {greeting}")
+    await ws.send_json({"type": "auth", "access_token": access_token})
+    if (answer := await ws.receive_json()).get("type") != "auth_ok":
+        raise HomeAssistantError(f"websocket authentication answered {answer}")
+
+
+class Subscription:
+    """One websocket subscription of a Home Assistant, on a thread of its own (the tests are synchronous):
+    ``events`` holds every event it delivered, in order (HA's ``event`` object: for ``subscribe_events`` the
+    event with its ``time_fired``, for ``subscribe_trigger`` the trigger's variables)."""
+
+    def __init__(self, url: str, token: str, message: dict[str, Any]) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self._subscribed = threading.Event()
+        self._error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(self._run(url, token, message))
+        self._thread = threading.Thread(target=self._serve, name="ha-subscription", daemon=True)
+        self._thread.start()
+        if not self._subscribed.wait(REQUEST_TIMEOUT + 5) or self._error is not None:
+            self.close()
+            raise HomeAssistantError(f"could not subscribe with {message}: {self._error!r}")
+
+    def _serve(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # close()
+            self._loop.run_until_complete(self._task)
+
+    async def _run(self, url: str, token: str, message: dict[str, Any]) -> None:
+        try:
+            async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    await _authenticate(ws, token)
+                    await ws.send_json({"id": 1, **message})
+                    answer = await ws.receive_json()
+                if not answer.get("success"):
+                    raise HomeAssistantError(f"{message['type']} answered {answer}")
+                self._subscribed.set()
+                async for frame in ws:
+                    if frame.type is not aiohttp.WSMsgType.TEXT:
+                        break
+                    data = json.loads(frame.data)
+                    if data.get("type") == "event":
+                        with self._changed:
+                            self.events.append(data["event"])
+                            self._changed.notify_all()
+        except Exception as exc:  # reported by the constructor, or by wait_for as the subscription's end
+            self._error = exc
+        finally:
+            self._subscribed.set()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str,
+                 start: int = 0) -> tuple[int, dict[str, Any]]:
+        """The first event from index ``start`` on that ``predicate`` accepts, and its index; waits for it up to
+        ``timeout`` seconds (AssertionError naming ``what``)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for index in range(start, len(self.events)):
+                    if predicate(self.events[index]):
+                        return index, self.events[index]
+                start = len(self.events)
+                remaining = deadline - time.monotonic()
+                if self._task.done():
+                    raise AssertionError(f"the subscription ended ({self._error!r}) while waiting for {what}")
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+                self._changed.wait(min(remaining, 1.0))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(REQUEST_TIMEOUT)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 StartHA = Callable[..., list[HomeAssistant]]
 """The ``start_ha`` fixture: ``start_ha(*names, mqtt_port=None, each=None, **options)`` starts copies of the
 onboarded template (``options`` as for ``HomeAssistant``; ``each`` maps a name to more options for that one)."""
 
 
-def start_home_assistants(workdir: Path, names: list[str], mqtt_port: int) -> dict[str, HomeAssistant]:
-    """Onboard a template instance once, copy it per name (MQTT on ``mqtt_port``), start the copies at once.
-    The caller stops them with ``stop_home_assistants``, also when this raises part way."""
+def start_home_assistants(workdir: Path, names: list[str], mqtt_port: int,
+                          options: dict[str, dict[str, Any]] | None = None) -> dict[str, HomeAssistant]:
+    """Onboard a template instance once, copy it per name (MQTT on ``mqtt_port``; ``options[name]`` as for
+    ``HomeAssistant``), start the copies at once. The caller stops them with ``stop_home_assistants``, also
+    when this raises part way."""
     template = HomeAssistant(workdir / "ha-template", name="template")
     try:
         template.start()
     finally:
         template.stop()
-    has = {name: HomeAssistant.copy_of(template, workdir / name, name=name, mqtt_port=mqtt_port) for name in names}
+    has = {name: HomeAssistant.copy_of(template, workdir / name, name=name, mqtt_port=mqtt_port,
+                                       **(options or {}).get(name, {})) for name in names}
     with ThreadPoolExecutor(len(has)) as pool:
         list(pool.map(lambda ha: ha.start(), has.values()))
     return has

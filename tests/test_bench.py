@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,10 +73,38 @@ def test_runs_override_and_registry(tmp_path: Path) -> None:
     assert bench.scenarios.__all__
     for name in ("failover-kill-mosquitto", "failover-stop-amqtt", "handover-command-mosquitto",
                  "broker-restart-amqtt", "footprint", "mqtt-baseline-mosquitto", "failover-kill-ha", "sync-mosquitto",
-                 "sync-amqtt", "sync-ha", "footprint-load"):
+                 "sync-amqtt", "sync-ha", "footprint-load", "federation-ha"):
         assert name in SCENARIOS
-    assert SCENARIOS["failover-kill-ha"].modes == ("full",)
+    assert SCENARIOS["failover-kill-ha"].modes == SCENARIOS["federation-ha"].modes == ("full",)
     assert not [name for name in SCENARIOS if "pending" in name]
+
+
+def test_federation_without_home_assistant_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import federation
+
+    monkeypatch.setattr(federation, "ha_installed", lambda: False)
+    result = federation.federation_ha(Context("full", tmp_path))
+    assert result.rows and not result.failures
+    assert all("Home Assistant not installed" in (row.pending or "") for row in result.rows)
+
+
+def test_federation_reads_mains_state_events_as_they_come() -> None:
+    from bench.federation import Arrivals
+
+    def changed(entity_id: str, old: str | None, new: str, at: str) -> dict[str, object]:
+        return {"time_fired": f"2026-12-03T04:00:0{at}+00:00",
+                "data": {"entity_id": entity_id, "old_state": None if old is None else {"state": old},
+                         "new_state": {"state": new, "last_changed": f"2026-12-03T04:00:0{at}+00:00"}}}
+
+    subscription = SimpleNamespace(events=[changed("switch.a", None, "unavailable", "1"),
+                                           changed("switch.other", None, "off", "2"),
+                                           changed("switch.a", "unavailable", "off", "3")])
+    arrivals = Arrivals(frozenset({"switch.a", "switch.b"}), "off")
+    assert not arrivals.read(subscription)  # type: ignore[arg-type]
+    assert arrivals.created == {"switch.a": 1796270401.0} and arrivals.held == {"switch.a": 1796270403.0}
+    subscription.events.append(changed("switch.b", None, "off", "4"))
+    assert arrivals.read(subscription)  # type: ignore[arg-type]
+    assert arrivals.held["switch.b"] == 1796270404.0 and arrivals.start == 4
 
 
 @pytest.mark.integration

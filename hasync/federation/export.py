@@ -14,6 +14,11 @@ identifiers: the same on both nodes of a pair), never the source's raw identifie
 copy with the same device integrated on main itself. Every device is ``via_device`` the hub
 (``hasync_fed_<cluster>``), whose status topic is in every entity's availability.
 
+Device triggers. An exported event entity (a button, a doorbell, a remote's keys) is also a device trigger on
+main, one per event type, on the device main shows for it, as Zigbee2MQTT offers its devices' actions: an
+automation on main picks "<entity name>" <event type> under the device, and it fires once per event on the hub
+(``trigger_messages``; the events' topic is mapping's).
+
 No loops. Entities that came from MQTT (other hubs' exports, federated copies, Zigbee2MQTT's, hasync's own
 entities) are never exported, whatever the selection says: a hub that also reads the discovery prefix, or two
 hubs exporting to each other, neither recurses nor duplicates.
@@ -302,6 +307,49 @@ def retired_state(component: str) -> bytes:
     """The retained state of an entity that is no longer exported, until its config is cleared: unavailable.
     (Only a light's state message has a schema of its own, and only the light domain becomes a light.)"""
     return mapping.state_payload(f"{component}.retired", "unavailable", {})
+
+
+def trigger_messages(hub: Hub, events: Iterable[tuple[Exported, Mapping[str, Any]]]
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """The retained discovery (topic, config) of main's device triggers for exported event entities, given
+    with their attributes (``event_types``): one per entity and event type, on the entity's device on main.
+
+    A trigger is ``type`` the event type and ``subtype`` the entity's name (the integration's, which a rename
+    on the hub does not change; main's automations name a trigger by device, type and subtype), as Home
+    Assistant's own integrations name a remote's keys. Two event entities of one device with the same name
+    would make the same trigger, which main refuses: the later one (by entity id) gets its entity id added."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    taken: set[tuple[str, str, str]] = set()
+    for exported, attributes in sorted(events, key=lambda item: item[0].entry.entity_id):
+        entry, device = exported.entry, exported.device
+        if exported.component != "event":
+            continue
+        block = _device(hub, device, exported.device_area) if device is not None else _hub_device(hub)
+        friendly = attributes.get("friendly_name")
+        name = (entry.original_name or entry.name or (friendly if isinstance(friendly, str) else None)
+                or entry.entity_id.partition(".")[2])
+        topics = hub.topics(exported.uid)
+        for event_type in dict.fromkeys(mapping.event_types(attributes)):
+            subtype = name
+            if (block["identifiers"][0], event_type, subtype) in taken:
+                subtype = f"{name} ({entry.entity_id})"
+            taken.add((block["identifiers"][0], event_type, subtype))
+            slug = _SLUG.sub("_", event_type.lower()).strip("_")[:32]
+            if slug != event_type:  # the object id must stay unique: types that differ only in the slug
+                slug += "_" + hashlib.sha256(event_type.encode()).hexdigest()[:8]
+            # unique_id: HA 2024.3 drops it from a trigger's config, later versions want it; it names the
+            # config as this hub's own, as an entity's does.
+            config = {"automation_type": "trigger", "unique_id": f"{hub.identifier}_{exported.uid}_{slug}",
+                      "type": event_type, "subtype": subtype,
+                      "topic": topics.event, "value_template": "{{ value_json.event_type }}",
+                      "payload": event_type, "qos": 1, "device": block,
+                      "origin": {"name": "hasync", "sw_version": hub.agent_version}}
+            out.append((f"{hub.discovery_prefix}/device_automation/{hub.identifier}/{exported.uid}_{slug}/config",
+                        config))
+    return out
+
+
+_SLUG = re.compile(r"[^a-z0-9]+")
 
 
 def _hub_device(hub: Hub) -> dict[str, Any]:

@@ -8,13 +8,16 @@ on a failover, the new primary takes over with the same identities: main's entit
 
 An export runs on an MQTT session of its own (the agent's Last Will is its heartbeat; this one's is the hub's
 status, ``offline``, retained). It reads the registries and the states from Home Assistant, publishes every
-exported entity's discovery config and state (retained), then ``online`` on the status topic, and subscribes
+exported entity's discovery config and state and the event entities' device triggers (retained; with
+``send``, not one awaited publish each: 1,000 entities go out in a fraction of a second), then ``online`` on
+the status topic, and subscribes
 to the command topics, main's birth (``<discovery prefix>/status``), its own status topic and every config
 under its own node id (``<discovery prefix>/+/hasync_fed_<cluster>/+/config``). Then:
 
 * a state change of an exported entity publishes its new state (the link's state events, ``on_state_changed``);
   the exporter keeps every state of the hub (not only the exported ones), so an entity that becomes exported
-  is published at once;
+  is published at once; an event entity's new event is published as its event message (never retained: main's
+  event entity and device triggers fire once per event, not at every publish of the state);
 * a registry change (``on_registry_updated``: an entity created, renamed, disabled, moved or removed; a device
   or an area changed) marks that registry to be read again; the reads are debounced (``lifecycle.Debounce``)
   and the selection is made again from what they return. An entity newly selected is published; one whose
@@ -29,7 +32,7 @@ under its own node id (``<discovery prefix>/+/hasync_fed_<cluster>/+/config``). 
   at once (an entity without a registry entry appears only once its integration has set up: a Home
   Assistant still starting must not have its entities deleted on main). Configs of other hubs have another
   node id and are never seen; a standby exports nothing, so it clears nothing;
-* main's birth (``online``) publishes every config and state again;
+* main's birth (``online``) publishes every config (the event entities' device triggers too) and state again;
 * ``offline`` on the status topic while exporting (the will of the previous primary's session, arriving late
   after a failover) is answered with ``online`` at once;
 * a command (never a retained one: an old retained command would run again at every start) becomes the
@@ -66,7 +69,17 @@ from ..homeassistant.errors import HomeAssistantError
 from ..metrics import Metrics
 from ..transport import Connect, MqttFailure, Session, Will
 from . import mapping
-from .export import Entry, Exported, Hub, Selection, discovery_message, parse_registries, retired_state, select
+from .export import (
+    Entry,
+    Exported,
+    Hub,
+    Selection,
+    discovery_message,
+    parse_registries,
+    retired_state,
+    select,
+    trigger_messages,
+)
 from .lifecycle import Debounce, Retirements
 
 logger = logging.getLogger(__name__)
@@ -124,6 +137,7 @@ class Exporter:
         self._self_imported: list[str] = []
         self._self_import_warned = False
         self._foreign: set[str] = set()
+        self._event_marks: dict[str, str | None] = {}  # event entities: the state a new event must differ from
 
     # ---- from the agent ---------------------------------------------------------------------------
 
@@ -194,6 +208,7 @@ class Exporter:
         self._states = _state_map(await self._ha_command({"type": "get_states"}))
         self._retiring = Retirements(self._grace)
         self._topics, self._sent, self.exported, self._attributes, self._by_uid = {}, {}, {}, {}, {}
+        self._event_marks = {}
         async with self._connect(f"{self._client_id}-fed", Will(hub.status_topic, b"offline")) as session:
             self._select(session)
             await session.publish(hub.status_topic, b"online", retain=True)
@@ -260,7 +275,9 @@ class Exporter:
         if sent is None or sent[0] != entity_id:  # exported before its state was known, or renamed
             self._publish_entity(session, entity_id, new_state)
         else:
+            self._publish_event(session, new_state)
             self._publish_state(session, new_state)
+            self._mark_event(new_state)
 
     async def _read_lists(self, kinds: tuple[str, ...]) -> dict[str, Any]:
         results = await asyncio.gather(*(self._ha_command({"type": _LISTS[kind]}) for kind in kinds))
@@ -312,6 +329,7 @@ class Exporter:
             state = self._states.get(item.entry.entity_id)
             if state is not None:
                 self._publish_entity(session, item.entry.entity_id, state)
+        self._publish_triggers(session)
         if gone or returned:
             logger.info("federation: %d entities no longer exported (cleared on main after %.0f s unless they come "
                         "back, e.g. %s), %d came back within their grace", len(gone), self._grace,
@@ -348,6 +366,7 @@ class Exporter:
         session.send(topic, payload, retain=True)
         self._sent[topic] = (entity_id, payload)
         self._publish_state(session, state)
+        self._mark_event(state)  # what the hub's entity shows now is no new event
         return True
 
     def _publish_state(self, session: Session, state: dict[str, Any]) -> None:
@@ -356,6 +375,30 @@ class Exporter:
         self._attributes[entity_id] = attributes
         payload = mapping.state_payload(entity_id, str(state.get("state")), attributes)
         session.send(self.hub.topics(self.exported[entity_id].uid).state, payload, retain=True)
+
+    def _publish_event(self, session: Session, state: dict[str, Any]) -> None:
+        """The event an event entity's state change reports, if it is a new one (``mapping.event_message``)."""
+        entity_id = state["entity_id"]
+        if not entity_id.startswith("event."):
+            return
+        message = mapping.event_message(self._event_marks.get(entity_id), str(state.get("state")), _attributes(state))
+        if message is not None:
+            session.send(self.hub.topics(self.exported[entity_id].uid).event, message, retain=False)
+
+    def _mark_event(self, state: dict[str, Any]) -> None:
+        entity_id = state["entity_id"]
+        if entity_id.startswith("event."):
+            self._event_marks[entity_id] = mapping.event_mark(self._event_marks.get(entity_id), str(state.get("state")))
+
+    def _publish_triggers(self, session: Session, *, again: bool = False) -> None:
+        """The exported event entities' device triggers, unless main already has each (``again``: anyway)."""
+        events = [(item, _attributes(self._states[entity_id])) for entity_id, item in self.exported.items()
+                  if item.component == "event" and entity_id in self._states]
+        for topic, config in trigger_messages(self.hub, events):
+            payload = json.dumps(config).encode()
+            if again or self._sent.get(topic) != ("", payload):
+                session.send(topic, payload, retain=True)
+                self._sent[topic] = ("", payload)
 
     def _retire(self, session: Session, config_topic: str, component: str, entity_uid: str, now: float) -> None:
         state_topic = self.hub.topics(entity_uid).state
@@ -405,6 +448,7 @@ class Exporter:
                     state = self._states.get(exported_id)
                     if state is not None:
                         self._publish_entity(session, exported_id, state, again=True)
+                self._publish_triggers(session, again=True)
             return
         if topic == hub.status_topic:
             if payload != b"online":

@@ -13,6 +13,12 @@ input_boolean), light (JSON schema), cover (position, tilt), lock, climate (mode
 including low/high, fan and preset modes), fan (percentage, preset, oscillation), number (and input_number),
 select (and input_select), button (and input_button, script, scene) and event. Anything else is not
 exported (``component`` returns None).
+
+Events. An event entity's state on the hub is the time of its last event; main's event entity and its
+device triggers must fire once per event, never when a state is published again (at every export, main's
+birth, a failover) nor when the hub restarts and restores that time. So events travel on a topic of their own,
+``<base>/event``, never retained, one message per new event (``event_message`` decides what is new), while the
+retained state message still carries the entity's availability and attributes.
 """
 
 from __future__ import annotations
@@ -139,6 +145,29 @@ def _light_state(state: str, a: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NOT_AN_EVENT = frozenset({"unavailable", "unknown", ""})
+
+
+def event_message(last: str | None, state: str, attributes: Mapping[str, Any]) -> bytes | None:
+    """The message of the event an event entity's new ``state`` reports (HA's ``event_type`` and the event's
+    own attributes), or None if it reports none. ``last`` is the entity's state before, ignoring
+    ``unavailable`` (None if the hub's agent has not seen the entity yet): an event entity's state is the time
+    of its last event, so only a time that differs from the one it showed before is a new event; the same time
+    restored after a restart of the hub, or back after ``unavailable``, is not."""
+    event_type = attributes.get("event_type")
+    if last is None or state in _NOT_AN_EVENT or state == last or not isinstance(event_type, str) or not event_type:
+        return None
+    if event_type not in event_types(attributes):
+        return None  # main's entity would refuse it (the types are in its discovery config)
+    kept = {k: v for k, v in attributes.items() if k not in _DESCRIPTIVE and k != "event_type"}
+    return _dumps({**kept, "event_type": event_type})
+
+
+def event_mark(last: str | None, state: str) -> str | None:
+    """What ``event_message`` compares the next state with: the entity's state, ``unavailable`` skipped."""
+    return last if state == "unavailable" else state
+
+
 # ---- discovery ----------------------------------------------------------------------------------
 
 
@@ -151,6 +180,11 @@ class Topics:
     @property
     def state(self) -> str:
         return f"{self.base}/state"
+
+    @property
+    def event(self) -> str:
+        """An event entity's events, one message each, never retained."""
+        return f"{self.base}/event"
 
     def command(self, what: str | None = None) -> str:
         return f"{self.base}/set" if what is None else f"{self.base}/set/{what}"
@@ -319,8 +353,13 @@ def _button(a: Mapping[str, Any], t: Topics) -> dict[str, Any]:
 
 
 def _event(a: Mapping[str, Any], t: Topics) -> dict[str, Any]:
-    return {"state_topic": t.state, "event_types": _strings(a.get("event_types")),
-            "value_template": "{{ {'event_type': value_json.attributes.event_type} | tojson }}"}
+    # The event topic's messages are what HA's MQTT event reads as they are: {"event_type": ..., ...}.
+    return {"state_topic": t.event, "event_types": event_types(a)}
+
+
+def event_types(attributes: Mapping[str, Any]) -> list[str]:
+    """An event entity's event types, as its state lists them (an empty one could never be matched)."""
+    return [t for t in _strings(attributes.get("event_types")) if t]
 
 
 def _strings(value: Any) -> list[str]:
