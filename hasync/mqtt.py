@@ -11,16 +11,20 @@ paths, which entity sync runs thousands of times a second, bypass it (pinned: ai
   between queued messages (aiomqtt makes a task and an ``asyncio.wait`` per message);
 * **reading**: paho reads every packet with at least three ``recv`` calls (its type, its length, its body);
   the socket is wrapped in :class:`_BufferedReads`, which reads up to 64 KiB per system call and serves
-  paho from that buffer.
+  paho from that buffer;
+* **writing**: paho writes every queued packet with its own ``send`` (a burst of publishes, or the
+  acknowledgements of a burst received); :func:`_write_queued` writes what is queued with one ``send``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -28,6 +32,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
 
 from .config import BrokerConfig
 from .transport import AuthFailure, Connect, ConnectionLost, Incoming, MqttFailure, Session, Will
@@ -36,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 128  # unacknowledged QoS 1 publishes per connection (paho's default is 20)
 READ_SIZE = 64 * 1024  # bytes asked of the kernel per read
+WRITE_SIZE = 64 * 1024  # bytes of queued packets joined into one write (at least one whole packet)
 _AUTH_CODES = {4, 5, 134, 135}  # 3.1.1: bad credentials, not authorised; 5.0 equivalents
 
 
@@ -88,6 +94,48 @@ class _BufferedReads:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+def _write_queued(client: paho.Client) -> MQTTErrorCode:
+    """paho's ``_packet_write`` with the queued packets joined into one ``send`` (up to ``WRITE_SIZE``).
+
+    The queue holds packets to send in order; a packet partly sent stays at its head with its position, as
+    paho keeps it. A QoS 0 publish or a DISCONNECT (which paho completes with callbacks and, for the
+    latter, by closing the socket) is left to paho's own method: the agent sends neither in normal operation.
+    """
+    queue = client._out_packet
+    while queue:
+        if any(p["command"] & 0xF0 == paho.DISCONNECT or (p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0)
+               for p in queue):
+            return paho.Client._packet_write(client)
+        chunks: list[bytes | bytearray | memoryview] = []
+        size = 0
+        for p in queue:
+            chunk = memoryview(p["packet"])[p["pos"]:]
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= WRITE_SIZE:
+                break
+        try:
+            written = client._sock_send(b"".join(chunks))
+        except (AttributeError, ValueError):
+            return paho.MQTT_ERR_SUCCESS  # no socket (any more): as paho's own method
+        except BlockingIOError:
+            return paho.MQTT_ERR_AGAIN  # (paho's _sock_send registered for writability)
+        except OSError as exc:
+            logger.debug("sending to the broker failed: %s", exc)
+            return paho.MQTT_ERR_CONN_LOST
+        while written > 0:
+            head = queue[0]
+            taken = min(written, head["to_process"])
+            head["pos"] += taken
+            head["to_process"] -= taken
+            written -= taken
+            if head["to_process"] == 0:
+                queue.popleft()
+        with client._msgtime_mutex:
+            client._last_msg_out = time.monotonic()
+    return paho.MQTT_ERR_SUCCESS
 
 
 class MqttSession:
@@ -212,10 +260,12 @@ def no_delay(client: aiomqtt.Client) -> None:
 
 
 def buffer_reads(client: aiomqtt.Client) -> None:
-    """Serve paho's reads of a connected client from a buffer (:class:`_BufferedReads`)."""
+    """Serve paho's reads of a connected client from a buffer (:class:`_BufferedReads`), and join its queued
+    packets into one write (:func:`_write_queued`)."""
     paho_client = client._client
     if paho_client._sock is not None and not isinstance(paho_client._sock, _BufferedReads):
         paho_client._sock = _BufferedReads(paho_client._sock)
+    paho_client._packet_write = functools.partial(_write_queued, paho_client)  # type: ignore[method-assign]
 
 
 def connector(cfg: BrokerConfig) -> Connect:
