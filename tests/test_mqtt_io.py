@@ -152,6 +152,13 @@ async def test_a_burst_arrives_complete_in_order_and_acknowledged(broker: Broker
     cfg = BrokerConfig(url=broker.url, keepalive=600)
     payloads = [f"{i:05d}".encode() * (1 + i % 50) for i in range(BURST)]
     acked: list[int] = []
+    all_acked = asyncio.Event()
+
+    def ack(i: int) -> None:
+        acked.append(i)
+        if len(acked) == BURST:
+            all_acked.set()
+
     async with connect(cfg, f"{topic_prefix}-sub") as sub, connect(cfg, f"{topic_prefix}-pub") as pub:
         await sub.subscribe(f"{topic_prefix}/#")
         received: list[Incoming] = []
@@ -164,11 +171,10 @@ async def test_a_burst_arrives_complete_in_order_and_acknowledged(broker: Broker
 
         receiver = asyncio.create_task(receive())
         for i, payload in enumerate(payloads):  # all at once: many packets queued per write, many per read
-            pub.send(f"{topic_prefix}/e{i % 17}", payload, retain=False, on_ack=lambda i=i: acked.append(i))
+            pub.send(f"{topic_prefix}/e{i % 17}", payload, retain=False, on_ack=lambda i=i: ack(i))
         async with asyncio.timeout(30):
             await receiver
-            while len(acked) < BURST:
-                await asyncio.sleep(0.01)
+            await all_acked.wait()
     assert [m.payload for m in received] == payloads
     assert [m.topic for m in received] == [f"{topic_prefix}/e{i % 17}" for i in range(BURST)]
     assert sorted(acked) == list(range(BURST))
