@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import socket
 import threading
 from typing import Any
@@ -131,7 +132,7 @@ def test_a_disconnect_is_left_to_paho() -> None:
     called: list[object] = []
     original = paho.Client._packet_write
     try:
-        paho.Client._packet_write = lambda self: called.append(self) or paho.MQTT_ERR_SUCCESS  # type: ignore[assignment,method-assign,func-returns-value]
+        paho.Client._packet_write = lambda self: called.append(self) or paho.MQTT_ERR_SUCCESS  # type: ignore[method-assign,func-returns-value]
         _write_queued(client)  # type: ignore[arg-type]
     finally:
         paho.Client._packet_write = original  # type: ignore[method-assign]
@@ -171,7 +172,7 @@ async def test_a_burst_arrives_complete_in_order_and_acknowledged(broker: Broker
 
         receiver = asyncio.create_task(receive())
         for i, payload in enumerate(payloads):  # all at once: many packets queued per write, many per read
-            pub.send(f"{topic_prefix}/e{i % 17}", payload, retain=False, on_ack=lambda i=i: ack(i))
+            pub.send(f"{topic_prefix}/e{i % 17}", payload, retain=False, on_ack=functools.partial(ack, i))
         async with asyncio.timeout(30):
             await receiver
             await all_acked.wait()
