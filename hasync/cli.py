@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import json
 import logging
@@ -104,6 +105,7 @@ def agent(
 
     async def run() -> None:
         node = Agent(cfg)
+        tune_gc()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop)
@@ -116,6 +118,23 @@ def agent(
         asyncio.run(run())
     except AgentError as exc:
         _fail(f"cannot start the agent: {exc}")
+
+
+# Young collections after 20,000 new container objects instead of 700, and a full one after 10 times 20 of them
+# (CPython's default: 10 times 10). The agent's garbage is almost all freed by reference counting; what the
+# cyclic collector costs is passes over the objects that live. Measured on two agents syncing 40,000 updates
+# (10 s at 1,000/s, then 30,000 new entities flat out): with the defaults the collector took 9 % of the
+# publishing agent's CPU and 13 % of the applying one's, in six full passes of 65 ms each (a pause in every
+# message's path); with these thresholds and start-up's objects frozen, 3 % and 6 %, one full pass of 25 ms.
+GC_THRESHOLDS = (20_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Set the agent's collector thresholds, and leave what start-up made (modules, models) out of every
+    later pass (``gc.freeze``): it lives as long as the process."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @main.command()

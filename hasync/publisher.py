@@ -85,6 +85,7 @@ class Publisher:
         self._bulk_count = 0
         self._next_id = 0
         self._wake = asyncio.Event()
+        self._expiry: asyncio.TimerHandle | None = None  # wakes the pump when the oldest in flight may expire
         self._session: Session | None = None
         self._closing = False
         self.sent = 0
@@ -217,12 +218,15 @@ class Publisher:
             logger.debug("%d publishes not acknowledged within %.0f s", expired, self._ack_timeout)
 
     async def _sleep(self) -> None:
-        if not self._in_flight:
-            await self._wake.wait()
-            return
-        oldest = next(iter(self._in_flight.values())).sent_at
-        try:
-            async with asyncio.timeout(max(0.0, oldest + self._ack_timeout - self._clock())):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
+        # One timer at a time, armed for the oldest publish in flight: not one per wake-up, of which a stream
+        # of acknowledgements makes thousands a second. It may fire early (that publish was acknowledged
+        # meanwhile); the pump then arms it again for the new oldest.
+        if self._in_flight and self._expiry is None:
+            oldest = next(iter(self._in_flight.values())).sent_at
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, oldest + self._ack_timeout - self._clock()), self._expiry_due)
+        await self._wake.wait()
+
+    def _expiry_due(self) -> None:
+        self._expiry = None
+        self._wake.set()

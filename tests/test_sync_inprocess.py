@@ -303,3 +303,34 @@ def test_a_home_assistant_that_was_down_catches_up() -> None:
                 "on", "7.0"), 35, "HA 2 to catch up after it is back")
 
     run(scenario)
+
+
+def test_the_echo_of_our_own_record_is_recognised_without_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every record an agent publishes comes back to it (it subscribes to every entity topic); a payload
+    identical to one it encoded is taken as that record, unparsed. Anything else is parsed as before, and
+    our own bytes on another entity's topic are still refused."""
+    from hasync.sync import replica
+
+    parsed: list[bytes] = []
+    original = replica.parse
+
+    def counting_parse(model: type[EntityRecord], payload: bytes) -> EntityRecord:
+        parsed.append(payload)
+        return original(model, payload)
+
+    async def scenario() -> None:
+        async with inprocess.cluster() as c:
+            [n1] = await start(c, "n1")
+            monkeypatch.setattr(replica, "parse", counting_parse)
+            for i in range(10):
+                memory(n1).set_local(f"input_number.n{i}", str(i))
+            await eventually(lambda: all(settled(a) for a in [n1]), 2, "n1 to see its records come back")
+            assert publishes(c.fake, "input_number.n0") == 1
+            assert parsed == []
+            own = c.fake.model.retained[T.entity("input_number.n0")]
+            c.fake.inject(T.entity("input_number.n1"), own, retain=False)
+            c.fake.inject(T.entity("input_number.n2"), b"not json", retain=False)
+            await eventually(lambda: metric(n1, "hasync_messages_dropped_total", topic="entity") == 2, 1, "drops")
+            assert parsed == [own, b"not json"]
+
+    run(scenario)

@@ -79,6 +79,7 @@ from .state import (
 logger = logging.getLogger(__name__)
 
 APPLY_BATCH = 250
+SENT_KEPT = 1024  # payloads of our latest publications kept to recognise their echoes without parsing them
 SUMMARY_REFRESH = 5.0  # s between two passes over every entity for the heartbeat's counts
 MAX_RECORD_BYTES = 16 * 1024
 
@@ -113,6 +114,9 @@ class Replica:
         self._wall_ms = wall_ms
         self._clock = clock
         self._dirty: dict[str, EntityRecord] = {}
+        # Our latest publications by payload: the broker sends each back to us (we subscribe to every entity
+        # topic), and a payload identical to one we encoded is that record, so its echo needs no parsing.
+        self._sent: dict[bytes, EntityRecord] = {}
         self._applies: dict[str, Apply | Remove] = {}
         self._applies_event = asyncio.Event()
         self._wake = asyncio.Event()
@@ -170,6 +174,7 @@ class Replica:
         self._marker = None
         self._window_deadline = math.inf
         self._dirty.clear()
+        self._sent.clear()
         self._feed(Disconnected())
 
     def on_marker(self, payload: bytes) -> None:
@@ -188,7 +193,7 @@ class Replica:
             if not payload:
                 self._feed(RemoteUnreadable(entity_id, retained=retained))
                 return
-            record = parse(EntityRecord, payload)
+            record = self._sent.pop(payload, None) or parse(EntityRecord, payload)
             if record.entity_id != entity_id:
                 raise MessageError(MessageDropReason.ENTITY_MISMATCH,
                                    f"a record of {record.entity_id} on {entity_id}'s topic")
@@ -330,5 +335,8 @@ class Replica:
                                 "published (exclude the entity or its big attributes)"))
                 continue
             self.metrics.sync_published.inc()
+            if len(self._sent) >= SENT_KEPT:
+                del self._sent[next(iter(self._sent))]  # the oldest: its echo is late or never comes
+            self._sent[payload] = record
             return Outgoing(self.topics.entity(entity_id), payload, True)
         return None

@@ -204,6 +204,8 @@ def compare(a: EntityRecord | None, b: EntityRecord | None) -> int:
 
     Records are ordered by version; two different records with one version by their canonical JSON.
     """
+    if a is b:
+        return 0
     if a is None or b is None:
         return (a is not None) - (b is not None)
     if a.version != b.version:
