@@ -157,7 +157,7 @@ class Agent:
             except signing.SigningError as exc:
                 raise AgentError(f"signing: {exc}") from None
         self.seal = signing.sealer(self.signer)
-        self.metrics = Metrics()
+        self.metrics = Metrics(renew_deadline=config.election.renew_deadline)
         self.publisher = Publisher(clock=clock, on_unacknowledged=self.metrics.publishes_unacknowledged.inc)
         ha = config.homeassistant
         self.router = Router(self.topics, self.node_id,
@@ -636,7 +636,11 @@ class Agent:
         if record.holder == self.node_id and record.incarnation == self.incarnation:
             sent = self._sent.pop((record.kind, record.term, record.seq), None)
             if sent is not None:
-                self.metrics.echo.observe(self.clock() - sent)
+                now = self.clock()
+                self.metrics.echo.observe(now - sent)
+                deadline = self.election.deadline  # (before this echo extends it)
+                if record.kind == "renew" and deadline is not None and record.term == self.election.term:
+                    self.metrics.renewal_margin.observe(deadline - now)
 
     def _primary_parts(self, primary: bool) -> None:
         """The agent's parts that work only on the primary: the health checks of its services, the export."""

@@ -12,7 +12,8 @@ from .messages import NodeRole
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, renew_deadline: float = 2.0) -> None:
+        """``renew_deadline``: the renewal margin's buckets are fractions of it."""
         r = self.registry = CollectorRegistry()
         self.role = Gauge("hasync_role", "1 for the node's current role", ["role"], registry=r)
         self.is_primary = Gauge("hasync_is_primary", "1 while this node acts as primary", registry=r)
@@ -48,6 +49,11 @@ class Metrics:
         self.echo = Histogram("hasync_renew_echo_seconds", "Time from sending a lease record to its echo",
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
                               registry=r)
+        # How close the primary came to demoting itself: its deadline, less the time each of its renewals came
+        # back (which extends it). At or below 0: the renewal was too late. Buckets of 2.5 % of the deadline.
+        self.renewal_margin = Histogram(
+            "hasync_renewal_margin_seconds", "Time left before the renew deadline when a renewal's echo arrived",
+            buckets=[round(renew_deadline * k / 40, 4) for k in range(41)], registry=r)
         self.kept = Gauge("hasync_kept", "1 while this node holds resources kept through a broker outage "
                           "(on_broker_loss: kept) without being primary", registry=r)
         self.kept_releases = Counter("hasync_kept_releases", "Times the resources kept through a broker outage "
