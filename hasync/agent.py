@@ -141,7 +141,7 @@ class Agent:
         if connect is None:
             from .mqtt import connector  # the only module that imports aiomqtt
 
-            connect = connector(config.broker)
+            connect = connector(config.broker, urgent=Topics(config.topic_prefix, config.cluster).is_election)
         self._connect = connect
         self._open_websocket = open_websocket
         self.incarnation = secrets.token_hex(6)

@@ -353,7 +353,7 @@ _DEFAULT_TIMING = Timing()
 # dead connection, and the broker sends its will, sooner. (Failover itself comes from the lease, not the will.)
 PROFILES: dict[str, dict[str, float]] = {
     "default": {},
-    "fast": {"lease_duration": 0.9, "renew_deadline": 0.7, "renew_interval": 0.15, "heartbeat_interval": 0.3,
+    "fast": {"lease_duration": 0.9, "renew_deadline": 0.7, "renew_interval": 0.1, "heartbeat_interval": 0.3,
              "claim_stagger": 0.1},
 }
 PROFILE_KEEPALIVE: dict[str, int] = {"fast": 2}
