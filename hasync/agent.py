@@ -583,7 +583,10 @@ class Agent:
                     self._publish_primary_state()
                 wake_at = min(wake_at, self._next_heartbeat, self._next_primary_state)
             self._wake.clear()
-            await wait_or(self._wake, max(0.0, wake_at - self.clock()))
+            if not await wait_or(self._wake, max(0.0, wake_at - self.clock())):
+                # Woken by its timer: how late. A primary whose event loop stalls for longer than
+                # renew_deadline - renew_interval demotes itself.
+                self.metrics.loop_lag.observe(max(0.0, self.clock() - wake_at))
 
     # ---- incoming -----------------------------------------------------------------------------
 

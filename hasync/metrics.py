@@ -54,6 +54,9 @@ class Metrics:
         self.renewal_margin = Histogram(
             "hasync_renewal_margin_seconds", "Time left before the renew deadline when a renewal's echo arrived",
             buckets=[round(renew_deadline * k / 40, 4) for k in range(41)], registry=r)
+        self.loop_lag = Histogram("hasync_event_loop_lag_seconds", "How late the agent's timers ran",
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1,
+                                           2, 5), registry=r)
         self.kept = Gauge("hasync_kept", "1 while this node holds resources kept through a broker outage "
                           "(on_broker_loss: kept) without being primary", registry=r)
         self.kept_releases = Counter("hasync_kept_releases", "Times the resources kept through a broker outage "

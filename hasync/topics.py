@@ -110,8 +110,11 @@ class Topics:
     def is_election(self, topic: str) -> bool:
         """The lease or a node's heartbeat (Last Will): what the election reads. Cheap: the receive path asks
         it of every message (``hasync.mqtt`` hands these to the agent before anything else waiting)."""
+        if topic == self.lease:
+            return True
         head = f"{self.base}/nodes/"
-        return topic == self.lease or (topic.startswith(head) and "/" not in topic[len(head):])
+        node = topic[len(head):]
+        return topic.startswith(head) and node != "" and "/" not in node
 
     def parse(self, topic: str) -> ParsedTopic | None:
         """The kind of a topic under this cluster, or None for anything else."""
