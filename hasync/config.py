@@ -347,14 +347,14 @@ class HooksConfig(BaseModel):
 _DEFAULT_TIMING = Timing()
 
 # Timing profiles (``election.profile``): values for the keys a config leaves out; keys it sets win. ``fast``
-# replaces a hung or cut-off primary in under a second (a lease of 0.9 s) at the cost of about four times the
-# election's messages, and a primary that demotes itself if its event loop stalls for more than about 0.5 s
+# replaces a hung or cut-off primary in about a second (a lease of 0.85 s) at the cost of about four times the
+# election's messages, and a primary that demotes itself if its event loop stalls for about 0.6 s
 # (README, "Timing profiles"). It asks the broker for the shortest keepalive too: a cut-off agent notices a
 # dead connection, and the broker sends its will, sooner. (Failover itself comes from the lease, not the will.)
 PROFILES: dict[str, dict[str, float]] = {
     "default": {},
-    "fast": {"lease_duration": 0.9, "renew_deadline": 0.7, "renew_interval": 0.1, "heartbeat_interval": 0.3,
-             "claim_stagger": 0.1},
+    "fast": {"lease_duration": 0.85, "renew_deadline": 0.7, "renew_interval": 0.1, "heartbeat_interval": 0.3,
+             "claim_stagger": 0.05},
 }
 PROFILE_KEEPALIVE: dict[str, int] = {"fast": 2}
 Profile = Literal["default", "fast"]

@@ -758,11 +758,11 @@ def test_the_fast_profile_presets_the_election_and_the_keepalive(tmp_path: Path)
     cfg = load_config(write(tmp_path, "election: {profile: fast}\nhomeassistant: {discovery: false}\n"), env={})
     e = cfg.election
     assert (e.profile, e.lease_duration, e.renew_deadline, e.renew_interval, e.heartbeat_interval,
-            e.claim_stagger) == ("fast", 0.9, 0.7, 0.1, 0.3, 0.1)
+            e.claim_stagger) == ("fast", 0.85, 0.7, 0.1, 0.3, 0.05)
     assert cfg.broker.keepalive == 2
     assert e.preempt_delay == ElectionConfig().preempt_delay  # what the profile leaves alone stays the default
     cfg.election.timing().check()
-    assert cfg.election.timing().lease_duration == 0.9
+    assert cfg.election.timing().lease_duration == 0.85
 
 
 def test_the_default_profile_is_the_defaults() -> None:
@@ -781,7 +781,7 @@ def test_an_override_that_breaks_the_profiles_safety_rule_is_one_clear_line() ->
     message = config_error(election__profile="fast", election__renew_deadline=0.8, homeassistant__discovery=False)
     lines = message.splitlines()[1:]
     assert len(lines) == 1, message
-    assert "lease_duration (0.9) must be at least 1.2 x renew_deadline (0.8)" in lines[0]
+    assert "lease_duration (0.85) must be at least 1.2 x renew_deadline (0.8)" in lines[0]
 
 
 def test_the_fast_profile_with_home_assistant_discovery_says_what_to_do() -> None:
