@@ -54,6 +54,7 @@ SAMPLE = 10.0  # s between two load-average samples
 PROGRESS = 300.0  # s between two progress lines
 MARGIN = "hasync_renewal_margin_seconds"
 LAG = "hasync_event_loop_lag_seconds"
+GC = ("hasync_gc_pause_seconds", 'generation="2",')  # full collections
 
 
 @contextlib.contextmanager
@@ -70,10 +71,11 @@ def burner(cpu: int) -> Iterator[subprocess.Popen[bytes]]:
         process.wait(10)
 
 
-def buckets(agent: AgentProcess, histogram: str) -> dict[float, float]:
-    """One of the agent's histograms: cumulative count per upper bound (seconds)."""
+def buckets(agent: AgentProcess, histogram: str, labels: str = "") -> dict[float, float]:
+    """One of the agent's histograms: cumulative count per upper bound (seconds); ``labels`` as the text
+    before ``le`` (``generation="2",``)."""
     _, text = agent.http("/metrics")
-    pattern = re.compile(rf'^{histogram}_bucket{{le="([^"]+)"}} (\S+)$', re.MULTILINE)
+    pattern = re.compile(rf'^{histogram}_bucket{{{re.escape(labels)}le="([^"]+)"}} (\S+)$', re.MULTILINE)
     return {float(le): float(count) for le, count in pattern.findall(text)}
 
 
@@ -117,7 +119,7 @@ class Soaked:
     burner: float = 0.0  # % of a core
     loads: list[float] = field(default_factory=list)
     margins: dict[float, float] = field(default_factory=dict)  # both agents' histograms, summed
-    lags: dict[str, dict[float, float]] = field(default_factory=dict)  # each agent's event-loop lag histogram
+    lags: dict[str, dict[float, float]] = field(default_factory=dict)  # each agent's loop lag and GC histograms
     events: list[dict[str, Any]] = field(default_factory=list)
     records: list[float] = field(default_factory=list)  # when each lease record reached the recorder
     start: float = 0.0
@@ -167,7 +169,7 @@ def _soak(ctx: Context, bc: BenchCluster, recorder: LeaseRecorder, burner_pid: i
     agents = bc.agents
     leader = bc.wait_stable(timeout=60, hold=3.0)
     standby = next(n for n in NODES if n != leader)
-    before = {(n, h): buckets(a, h) for n, a in agents.items() for h in (MARGIN, LAG)}
+    before = {(n, h): buckets(a, *h) for n, a in agents.items() for h in ((MARGIN, ""), (LAG, ""), GC)}
     made_before = agents[leader].metric("hasync_sync_local_changes_total")
     applied_before = agents[standby].metric("hasync_sync_applied_total")
     burn_before = cpu_seconds(burner_pid)
@@ -197,9 +199,10 @@ def _soak(ctx: Context, bc: BenchCluster, recorder: LeaseRecorder, burner_pid: i
                    "the standby to apply the last updates")
     soaked.applied = agents[standby].metric("hasync_sync_applied_total") - applied_before
     for node, agent in agents.items():
-        for le, count in _subtract(buckets(agent, MARGIN), before[node, MARGIN]).items():
+        for le, count in _subtract(buckets(agent, MARGIN), before[node, (MARGIN, "")]).items():
             soaked.margins[le] = soaked.margins.get(le, 0.0) + count
-        soaked.lags[node] = _subtract(buckets(agent, LAG), before[node, LAG])
+        soaked.lags[node] = _subtract(buckets(agent, LAG), before[node, (LAG, "")])
+        soaked.lags[f"{node}, full GC pauses"] = _subtract(buckets(agent, *GC), before[node, GC])
     soaked.events = [e for e in bc.events() if e["t"] > soaked.start]
     soaked.records = [t for t, _ in recorder.records if soaked.start < t <= soaked.start + soaked.window]
     return soaked
@@ -232,7 +235,7 @@ def _highest(histogram: dict[float, float]) -> str:
 
 def _lag_table(lags: dict[str, dict[float, float]]) -> str:
     """How late each agent's timers ran (``hasync_event_loop_lag_seconds``): a stalled process, not the network."""
-    lines = ["| event-loop lag (timer wake-ups) | wake-ups | p50 ms | p99 ms | max (bucket) ms |",
+    lines = ["| event-loop lag (timer wake-ups); full GC pauses | count | p50 ms | p99 ms | max (bucket) ms |",
              "|---|--:|--:|--:|--:|"]
     for node, histogram in sorted(lags.items()):
         total = histogram.get(math.inf, 0.0)

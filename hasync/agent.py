@@ -227,6 +227,7 @@ class Agent:
         except BaseException:
             await stack.aclose()
             raise
+        stack.callback(self.metrics.watch_gc())
         self._stack = stack
         loops: list[tuple[Part, Callable[[], Awaitable[None]]]] = [
             (Part.CONNECTION, self._connection_loop), (Part.PUBLISHER, self.publisher.run),

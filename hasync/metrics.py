@@ -6,6 +6,10 @@ names), never from a message: the number of time series is bounded by the code a
 
 from __future__ import annotations
 
+import gc
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .messages import NodeRole
@@ -57,6 +61,9 @@ class Metrics:
         self.loop_lag = Histogram("hasync_event_loop_lag_seconds", "How late the agent's timers ran",
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1,
                                            2, 5), registry=r)
+        self.gc_pause = Histogram("hasync_gc_pause_seconds", "Pauses of Python's cyclic garbage collector (while "
+                                  "the agent runs), by generation", ["generation"],
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6), registry=r)
         self.kept = Gauge("hasync_kept", "1 while this node holds resources kept through a broker outage "
                           "(on_broker_loss: kept) without being primary", registry=r)
         self.kept_releases = Counter("hasync_kept_releases", "Times the resources kept through a broker outage "
@@ -94,6 +101,19 @@ class Metrics:
         self.sync_apply_seconds = Histogram("hasync_sync_apply_seconds", "Duration of one apply batch",
                                             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                             registry=r)
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every collection into ``gc_pause`` (the callbacks are the process's); returns the undo."""
+        started: list[float] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[:] = [time.perf_counter()]
+            elif started:
+                self.gc_pause.labels(str(info.get("generation", -1))).observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
+        return lambda: gc.callbacks.remove(on_gc)
 
     def set_role(self, role: NodeRole) -> None:
         for name in NodeRole:
