@@ -101,7 +101,7 @@ def test_fast_profile_sigstop_failover_without_overlap(mosquitto: BrokerProcess,
     a frozen primary is replaced and its last instant as primary comes before the new promotion (the cluster's
     audit checks every tenure at the end). How fast is the benchmark's (failover-stop-mosquitto-fast)."""
     with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
-        leader = three(cluster, preempt=False, election={"profile": "fast"}, broker={"reconnect_min": 0.2})
+        leader = three(cluster, preempt=False, election={"profile": "fast"})
         old = cluster.agents[leader]
         with LeaseRecorder(mosquitto.url, topic_prefix) as recorder:
             wait_until(lambda: recorder.records, 5, "a renewal")
