@@ -3,7 +3,8 @@
 Two agents (real processes, memory sync backend) on Mosquitto in the fast profile (``election: {profile:
 fast}``), 1,000 entity changes a second made on the primary through its HTTP API and applied by the standby,
 and a CPU burner (a Python busy loop) pinned to the machine's second core, for ``--soak-seconds`` (an hour by
-default). Not part of ``--quick`` or ``--full``: run it with ``--only soak-fast``.
+default). Not part of ``--quick`` or ``--full``: run it with ``--only soak-fast``. ``soak-default`` is the
+same with the default timings, the baseline for the same machine and load.
 
 The agents and the burner each run in a session of their own: with the kernel's autogroup scheduling, a
 session is what shares the CPU, so they compete like separate services (in production each agent has a
@@ -40,6 +41,7 @@ from typing import Any
 from harness.agents import AgentProcess, LeaseRecorder
 from harness.brokers import MosquittoProcess
 from harness.wait import wait_until
+from hasync.config import Profile
 
 from .cluster import BenchCluster, profile_config
 from .footprint import cpu_seconds
@@ -128,20 +130,31 @@ class Soaked:
 @scenario("soak-fast", "fast timing profile: false failovers over a soak at 1,000 sync updates/s, other core "
           "loaded, Mosquitto", modes=())
 def soak_fast(ctx: Context) -> Result:
-    config = profile_config("fast")
+    return soak(ctx, "fast")
+
+
+@scenario("soak-default", "default timings: false failovers over a soak at 1,000 sync updates/s, other core "
+          "loaded, Mosquitto (soak-fast's baseline)", modes=())
+def soak_default(ctx: Context) -> Result:
+    return soak(ctx, "default")
+
+
+def soak(ctx: Context, profile: Profile) -> Result:
+    name = f"soak-{profile}"
+    config = profile_config(profile)
     lease, deadline = config.election.lease_duration, config.election.renew_deadline
-    result = Result("soak-fast", f"fast timing profile soak ({ctx.soak_seconds / 60:.0f} min), 1,000 sync "
+    result = Result(name, f"{profile} timing profile soak ({ctx.soak_seconds / 60:.0f} min), 1,000 sync "
                     "updates/s, other core loaded, Mosquitto",
                     __doc__.split("\n\n", 1)[1].replace("\n", " ") if __doc__ else "")
-    workdir = ctx.workdir / "soak-fast"
+    workdir = ctx.workdir / name
     broker = MosquittoProcess(workdir / "broker", quiet=True)
     started = time.monotonic()
     broker.start()
     try:
-        with BenchCluster(workdir / "agents", broker.url, NODES, profile="fast", new_session=True,
+        with BenchCluster(workdir / "agents", broker.url, NODES, profile=profile, new_session=True,
                           sync={"backend": "memory", "max_entities": 100_000}) as bc, \
                 LeaseRecorder(broker.url, bc.prefix) as recorder, burner(1) as burn:
-            soaked = _soak(ctx, bc, recorder, burn.pid)
+            soaked = _soak(ctx, name, bc, recorder, burn.pid)
     finally:
         broker.stop()
     result.seconds = time.monotonic() - started
@@ -165,7 +178,7 @@ def soak_fast(ctx: Context) -> Result:
     return result
 
 
-def _soak(ctx: Context, bc: BenchCluster, recorder: LeaseRecorder, burner_pid: int) -> Soaked:
+def _soak(ctx: Context, name: str, bc: BenchCluster, recorder: LeaseRecorder, burner_pid: int) -> Soaked:
     agents = bc.agents
     leader = bc.wait_stable(timeout=60, hold=3.0)
     standby = next(n for n in NODES if n != leader)
@@ -175,7 +188,7 @@ def _soak(ctx: Context, bc: BenchCluster, recorder: LeaseRecorder, burner_pid: i
     burn_before = cpu_seconds(burner_pid)
     soaked = Soaked(start=time.monotonic())
     end = soaked.start + ctx.soak_seconds
-    ctx.log(f"soak-fast: {leader} primary; {RATE} updates/s, burner on CPU 1, for {ctx.soak_seconds:.0f} s")
+    ctx.log(f"{name}: {leader} primary; {RATE} updates/s, burner on CPU 1, for {ctx.soak_seconds:.0f} s")
     with background_load(agents[leader].http_port, RATE):
         next_progress = soaked.start + PROGRESS
         while (now := time.monotonic()) < end:
@@ -187,7 +200,7 @@ def _soak(ctx: Context, bc: BenchCluster, recorder: LeaseRecorder, burner_pid: i
             if time.monotonic() >= next_progress:
                 next_progress += PROGRESS
                 changes = sum(1 for e in bc.events() if e["event"] == "promote" and e["t"] > soaked.start)
-                ctx.log(f"soak-fast: {time.monotonic() - soaked.start:.0f} s, leadership changes {changes}, "
+                ctx.log(f"{name}: {time.monotonic() - soaked.start:.0f} s, leadership changes {changes}, "
                         f"applied {agents[standby].metric('hasync_sync_applied_total') - applied_before:.0f}, "
                         f"load {soaked.loads[-1]:.2f}")
     soaked.window = time.monotonic() - soaked.start

@@ -116,7 +116,8 @@ def test_the_fast_profile_scenarios_and_the_soak_are_registered_and_the_soak_run
     for name in ("failover-stop-mosquitto-fast", "failover-cut-mosquitto-fast", "failover-cut-mosquitto",
                  "footprint-fast"):
         assert SCENARIOS[name].modes == ("quick", "full"), name
-    assert "soak-fast" not in select("full", None) and "soak-fast" not in select("quick", None)
+    for soak in ("soak-fast", "soak-default"):
+        assert soak not in select("full", None) and soak not in select("quick", None)
     assert select("quick", ["soak-fast"]) == ["soak-fast"]
 
 
