@@ -44,7 +44,7 @@ from harness.wait import wait_until
 from hasync.config import Profile
 
 from .cluster import BenchCluster, profile_config
-from .footprint import cpu_seconds
+from .footprint import cpu_seconds, rss_mib
 from .registry import Context, scenario
 from .report import Result, Row, Target, fmt
 from .stats import percentile
@@ -120,6 +120,7 @@ class Soaked:
     applied: float = 0.0
     burner: float = 0.0  # % of a core
     loads: list[float] = field(default_factory=list)
+    rss: dict[str, list[float]] = field(default_factory=dict)  # MiB, each agent every 10 s
     margins: dict[float, float] = field(default_factory=dict)  # both agents' histograms, summed
     lags: dict[str, dict[float, float]] = field(default_factory=dict)  # each agent's loop lag and GC histograms
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -166,6 +167,7 @@ def soak(ctx: Context, profile: Profile) -> Result:
         Row("demotions during the soak", "count", [float(len(demotions))], Target("max", 0)),
         Row("silence between lease records, as a follower sees it", "ms", silences, Target("max", lease * 1000)),
         Row("1-minute load average, every 10 s", "", soaked.loads),
+        *[Row(f"RSS of {node}, every 10 s", "MiB", rss) for node, rss in sorted(soaked.rss.items())],
     ]
     result.extra = _margins_table(soaked.margins, silences, lease, deadline) + "\n\n" + _lag_table(soaked.lags)
     window, start = soaked.window, soaked.start
@@ -197,6 +199,8 @@ def _soak(ctx: Context, name: str, bc: BenchCluster, recorder: LeaseRecorder, bu
             dead = [n for n, a in agents.items() if not a.alive]
             if dead:
                 raise RuntimeError(f"agent {', '.join(dead)} exited during the soak")
+            for node, agent in agents.items():
+                soaked.rss.setdefault(node, []).append(rss_mib(agent.pid))
             if time.monotonic() >= next_progress:
                 next_progress += PROGRESS
                 changes = sum(1 for e in bc.events() if e["event"] == "promote" and e["t"] > soaked.start)
