@@ -31,6 +31,7 @@ REPRODUCE = """\
 ./scripts/bench --quick                     # a few runs of each, a few minutes
 ./scripts/bench --only failover-kill-mosquitto footprint --runs 10 --out /tmp/B.md
 ./scripts/bench --only home-keepalived --runs 5 --out /tmp/B.md   # the two-node home against keepalived, ~12 min
+./scripts/bench --only soak-fast --soak-seconds 3600 --out /tmp/B.md  # the fast profile's hour: false failovers
 .venv/bin/python -m bench --list            # the scenarios
 ```
 
@@ -54,9 +55,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="the report (BENCHMARKS.md)")
     parser.add_argument("--workdir", type=Path, help="keep logs and events here (default: a temporary dir)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--soak-seconds", type=float, default=3600.0,
+                        help="how long a soak scenario runs (soak-fast; default an hour)")
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.soak_seconds <= 0:
+        parser.error("--soak-seconds must be positive")
     return args
 
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     names = select(args.mode, args.only)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="hasync-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args.mode, workdir, args.runs)
+    ctx = Context(args.mode, workdir, args.runs, soak_seconds=args.soak_seconds)
     command = "./scripts/bench " + " ".join(sys.argv[1:] if argv is None else argv)
     report = Report(
         mode=args.mode,

@@ -28,7 +28,7 @@ from harness.agents import AgentProcess, Cluster
 from harness.wait import wait_until
 from hasync import signing
 from hasync.audit import Tenure, overlaps, tenures
-from hasync.config import BrokerConfig, ElectionConfig
+from hasync.config import AgentConfig, BrokerConfig, ElectionConfig, Profile
 from hasync.messages import Command
 from hasync.topics import Topics
 
@@ -36,15 +36,23 @@ CLUSTER = "test"  # what harness/agents.py configures
 T = TypeVar("T")
 
 
-def production_settings() -> dict[str, Any]:
-    """hasync's defaults for everything that shapes failover time; events file and HTTP port come from
-    harness/agents.py."""
-    broker = BrokerConfig()
+def profile_config(profile: Profile = "default") -> AgentConfig:
+    """hasync's configuration with a timing profile and nothing else set (Home Assistant discovery off for the
+    fast profile, which requires it)."""
+    return AgentConfig.model_validate({"election": {"profile": profile},
+                                       "homeassistant": {"discovery": profile == "default"}})
+
+
+def production_settings(profile: Profile = "default") -> dict[str, Any]:
+    """hasync's defaults (of a timing profile) for everything that shapes failover time; events file and HTTP
+    port come from harness/agents.py."""
+    config = profile_config(profile)
+    broker = config.broker
     return {
         "broker": {"keepalive": broker.keepalive, "reconnect_min": broker.reconnect_min,
                    "reconnect_max": broker.reconnect_max},
-        "election": ElectionConfig().model_dump(),
-        "homeassistant": {"discovery": True},
+        "election": config.election.model_dump(),
+        "homeassistant": {"discovery": config.homeassistant.discovery},
         "log": {"level": "INFO"},
         "preempt": False,
     }
@@ -53,13 +61,19 @@ def production_settings() -> dict[str, Any]:
 def timings_text() -> str:
     e = ElectionConfig()
     b = BrokerConfig()
+    fast = profile_config("fast")
+    f = fast.election
     return (f"hasync's defaults (production): lease_duration {e.lease_duration} s, renew_deadline "
             f"{e.renew_deadline} s, renew_interval {e.renew_interval} s, heartbeat_interval "
             f"{e.heartbeat_interval} s, claim_stagger {e.claim_stagger} s, will_fast_path "
             f"{e.will_fast_path}; broker keepalive {b.keepalive} s (Mosquitto sends a silent client's will "
             f"after {1.5 * b.keepalive:.1f} s), reconnect backoff {b.reconnect_min}-{b.reconnect_max} s with "
             "jitter; log level INFO; Home Assistant discovery on. Nodes have distinct priorities and "
-            "`preempt: false` (see bench/cluster.py), so preempt_delay never comes into play.")
+            "`preempt: false` (see bench/cluster.py), so preempt_delay never comes into play. Scenarios named "
+            f"`…-fast` use the fast timing profile (`election: {{profile: fast}}`): lease_duration "
+            f"{f.lease_duration} s, renew_deadline {f.renew_deadline} s, renew_interval {f.renew_interval} s, "
+            f"heartbeat_interval {f.heartbeat_interval} s, claim_stagger {f.claim_stagger} s, broker keepalive "
+            f"{fast.broker.keepalive} s, Home Assistant discovery off (the profile requires it).")
 
 
 @dataclass(frozen=True)
@@ -73,8 +87,11 @@ class Audit:
 
 class BenchCluster:
     def __init__(self, workdir: Path, broker_url: str, nodes: dict[str, int], *, signed: bool = False,
+                 profile: Profile = "default", node_settings: dict[str, dict[str, Any]] | None = None,
                  **settings: Any) -> None:
-        """``signed``: every node gets a signing key (hasync.signing) and every node's public key."""
+        """``signed``: every node gets a signing key (hasync.signing) and every node's public key. ``profile``:
+        the timing profile's settings instead of the defaults; ``node_settings``: a node's own (its network
+        namespace's ``command_prefix``, its HTTP address)."""
         self.signing: dict[str, dict[str, Any]] = {}
         if signed:
             keys = workdir / "keys"
@@ -88,7 +105,8 @@ class BenchCluster:
         self.broker_url = broker_url
         self.cluster = Cluster(workdir, broker_url, self.prefix)
         self.priorities = nodes
-        self.settings = {**production_settings(), **settings}
+        self.settings = {**production_settings(profile), **settings}
+        self.node_settings = node_settings or {}
         self.deaths: dict[str, float] = {}  # "node#incarnation" -> time of its kill -9
         # When each agent last started or lost its connection: see ``stable_leader``.
         self.connected_since: dict[str, float] = {}
@@ -97,7 +115,8 @@ class BenchCluster:
         try:
             for node, priority in self.priorities.items():
                 signed = {"signing": self.signing[node]} if self.signing else {}
-                self.cluster.add(node, priority=priority, **self.settings, **signed)
+                self.cluster.add(node, priority=priority, **self.settings, **signed,
+                                 **self.node_settings.get(node, {}))
                 self.connected_since[node] = time.monotonic()
         except BaseException:
             self.close()

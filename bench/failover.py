@@ -14,9 +14,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from harness import netns
 from harness.brokers import AmqttProcess, BrokerProcess, MosquittoProcess
-from hasync.config import ElectionConfig
+from harness.wait import free_port
+from hasync.config import ElectionConfig, Profile
 
 from .cluster import BenchCluster, CommandSender, command_sender
 from .registry import Context, scenario
@@ -24,12 +27,19 @@ from .report import Result, Row, Target
 
 NODES = {"n1": 300, "n2": 200, "n3": 100}
 LEASE = ElectionConfig().lease_duration
+FAST_TARGET_MS = 1000.0  # issue 13: a hang or a partition of the primary replaced within 1 s (p95)
 
 
-def make_broker(kind: str, workdir: Path) -> BrokerProcess:
+def make_broker(kind: str, workdir: Path, lan: netns.Lan | None = None) -> BrokerProcess:
+    """``lan``: Mosquitto listens on the LAN's bridge too, where its namespaces reach it."""
     if kind == "mosquitto":
         # Persistence as in broker/mosquitto.conf: a graceful restart keeps the retained lease.
-        return MosquittoProcess(workdir, persistence=True)
+        if lan is None:
+            return MosquittoProcess(workdir, persistence=True)
+        port = free_port()
+        broker = MosquittoProcess(workdir, port=port, persistence=True, extra_config=[f"listener {port} {lan.gateway}"])
+        broker.host = lan.gateway
+        return broker
     return AmqttProcess(workdir)
 
 
@@ -45,6 +55,7 @@ class Env:
     bc: BenchCluster
     broker: BrokerProcess
     sender: CommandSender | None
+    lan: netns.Lan | None = None  # the agents' namespaces, when they run in some
 
 
 def _kill(env: Env, leader: str) -> Sample:
@@ -62,6 +73,23 @@ def _stop(env: Env, leader: str) -> Sample:
         promo = env.bc.next_promotion(t, 20, exclude=leader)
     finally:
         agent.signal(signal.SIGCONT)
+    return Sample(promo["t"] - t, promo["node"])
+
+
+def _cut(env: Env, leader: str) -> Sample:
+    """Everything between the primary's namespace and the broker dropped (iptables, both ways), until another
+    node is primary. Timed from just before the outbound rule goes in (``ip netns exec``: a few ms early)."""
+    assert env.lan is not None
+    rules = [["OUTPUT", "-d", env.lan.gateway, "-j", "DROP"], ["INPUT", "-s", env.lan.gateway, "-j", "DROP"]]
+    t = time.monotonic()
+    try:
+        for rule in rules:
+            env.lan.run_in(leader, "iptables", "-A", *rule)
+        promo = env.bc.next_promotion(t, 20, exclude=leader)
+    finally:
+        for rule in rules:
+            with contextlib.suppress(RuntimeError):
+                env.lan.run_in(leader, "iptables", "-D", *rule)
     return Sample(promo["t"] - t, promo["node"])
 
 
@@ -109,6 +137,8 @@ FAULTS = [
           _kill, lambda broker: Target("median", 300) if broker == "mosquitto" else None),
     Fault("failover-stop", "hang failover (SIGSTOP of the primary's agent)", "SIGSTOP → new primary confirmed",
           _stop, lambda broker: Target("p95", (LEASE + 0.5) * 1000)),
+    Fault("failover-cut", "partition failover (the primary cut off from the broker: iptables DROP both ways)",
+          "cut → new primary confirmed", _cut, lambda broker: Target("p95", (LEASE + 0.5) * 1000)),
     Fault("handover-command", "graceful handover (step_down command on the primary's command topic)",
           "step-down published → new primary confirmed", _handover_command, lambda broker: Target("median", 50)),
     Fault("handover-sigterm", "graceful handover (SIGTERM of the primary's agent)",
@@ -126,6 +156,12 @@ METHOD = {
                      "finds its deadline passed and demotes before doing anything as primary. The 'no primary' row "
                      "is the fence margin: the old primary stopped acting renew_deadline after its last echoed "
                      "renewal, the others claimed lease_duration after receiving it (3 s - 2 s = 1 s by design).",
+    "failover-cut": "Every agent runs in a network namespace of its own (harness.netns) on a bridge where "
+                    "Mosquitto listens; the primary's packets to and from the broker are dropped (iptables in its "
+                    "namespace). Its connection stays open (no will before 1.5 x keepalive); the others claim "
+                    "after a lease of silence, it demotes at its renew deadline. Once another node is primary "
+                    "the rules are removed: its queued packets go through, it sees the newer term and follows. "
+                    "The 'no primary' row is the fence margin, as for SIGSTOP.",
     "handover-command": "A `step_down` command (what `hasync step-down` and HA's button send) is published "
                         "to the primary's command topic from a client that is already connected; timed "
                         "from just before the publish. The old primary demotes, then releases naming its "
@@ -152,29 +188,64 @@ WHY_MISSED = {
 }
 
 
-def run_fault(ctx: Context, fault: Fault, broker_kind: str, *, signed: bool = False) -> Result:
-    name = f"{fault.key}-{broker_kind}" + ("-signed" if signed else "")
-    title = f"{fault.title}, {broker_kind}" + (", signed control messages" if signed else "")
+def scenario_name(fault: Fault, broker_kind: str, *, signed: bool = False, profile: Profile = "default") -> str:
+    return f"{fault.key}-{broker_kind}" + ("-signed" if signed else "") + (
+        "" if profile == "default" else f"-{profile}")
+
+
+def run_fault(ctx: Context, fault: Fault, broker_kind: str, *, signed: bool = False,
+              profile: Profile = "default") -> Result:
+    name = scenario_name(fault, broker_kind, signed=signed, profile=profile)
+    title = (f"{fault.title}, {broker_kind}" + (", signed control messages" if signed else "")
+             + ("" if profile == "default" else f", {profile} timing profile"))
     method = METHOD[fault.key] + (" Every node has a signing key (hasync.signing): each lease record, "
                                   "heartbeat and will is signed, and verified by every receiver." if signed else "")
+    if profile != "default":
+        method += f" Timings: the {profile} profile (`election: {{profile: {profile}}}`; see the timings above)."
     result = Result(name, title, method)
+    target = fault.target(broker_kind) if profile == "default" else Target("p95", FAST_TARGET_MS)
+    if fault.key == "failover-cut" and netns.available() is not None:
+        result.rows.append(Row(fault.metric, "ms", target=target, pending=f"not run: {netns.available()}"))
+        return result
     # Quick mode: fewer runs on amqtt (the development broker) so the whole quick mode stays short.
     runs = ctx.runs(fault.quick_runs if broker_kind == "mosquitto" else 3, fault.full_runs)
-    workdir = ctx.workdir / name
-    samples: list[Sample] = []
-    overlap: list[float] = []
-    gaps: list[float] = []
-    bad_runs = 0
-    broker = make_broker(broker_kind, workdir / "broker")
     started = time.monotonic()
+    with contextlib.ExitStack() as outer:
+        lan = outer.enter_context(netns.Lan(list(NODES))) if fault.key == "failover-cut" else None
+        broker = make_broker(broker_kind, ctx.workdir / name / "broker", lan)
+        broker.start()
+        outer.callback(broker.stop)
+        measured = _measure(ctx, result, fault, runs, broker, lan=lan, signed=signed, profile=profile)
+    result.seconds = time.monotonic() - started
+    overlap = measured.overlap
+    result.overlap = (len(overlap), sum(1 for o in overlap if o > 0), max(overlap, default=0.0))
+    _summarise(result, fault, target, measured.samples, measured.gaps)
+    return result
+
+
+@dataclass
+class Measured:
+    samples: list[Sample] = field(default_factory=list)
+    overlap: list[float] = field(default_factory=list)  # per run, the longest overlap of two tenures (0: none)
+    gaps: list[float] = field(default_factory=list)
+
+
+def _measure(ctx: Context, result: Result, fault: Fault, runs: int, broker: BrokerProcess, *,
+             lan: netns.Lan | None, signed: bool, profile: Profile) -> Measured:
+    """``runs`` faults on one cluster; an error ends the runs (a failure of the result), keeping those done.
+    ``lan``: each agent runs in its node's namespace."""
+    name = result.scenario
+    measured = Measured()
+    in_namespaces: dict[str, dict[str, Any]] = {} if lan is None else {
+        node: {"command_prefix": lan.prefix(node), "http": {"host": lan.addresses[node]}} for node in NODES}
     bc: BenchCluster | None = None
-    broker.start()
     try:
         with contextlib.ExitStack() as stack:
-            bc = stack.enter_context(BenchCluster(workdir / "agents", broker.url, NODES, signed=signed))
+            bc = stack.enter_context(BenchCluster(ctx.workdir / name / "agents", broker.url, NODES, signed=signed,
+                                                  profile=profile, node_settings=in_namespaces))
             sender = (stack.enter_context(command_sender(broker.url, bc.topics))
                       if fault.key == "handover-command" else None)
-            env = Env(bc, broker, sender)
+            env = Env(bc, broker, sender, lan)
             first = bc.wait_stable(timeout=60)
             ctx.log(f"{name}: cluster stable, {first} is primary; {runs} runs")
             for i in range(runs):
@@ -183,31 +254,26 @@ def run_fault(ctx: Context, fault: Fault, broker_kind: str, *, signed: bool = Fa
                 sample = fault.inject(env, leader)
                 bc.wait_stable(timeout=60)
                 audit = bc.audit(since)
-                samples.append(sample)
+                measured.samples.append(sample)
                 if audit.gap is not None:
-                    gaps.append(audit.gap)
+                    measured.gaps.append(audit.gap)
                 worst = max(audit.overlaps, default=0.0)
-                overlap.append(worst)
+                measured.overlap.append(worst)
                 if audit.overlaps:
-                    bad_runs += 1
                     result.failures.append(f"run {i + 1}: TWO PRIMARIES AT ONCE for {worst * 1000:.1f} ms")
                 ctx.log(f"{name} run {i + 1}/{runs}: {leader} -> {sample.new_leader} in "
                         f"{sample.seconds * 1000:.0f} ms, overlap {worst * 1000:.1f} ms")
     except Exception as exc:
-        result.failures.append(f"aborted after {len(samples)} runs: {exc!r}")
+        result.failures.append(f"aborted after {len(measured.samples)} runs: {exc!r}")
         ctx.log(f"{name} FAILED: {traceback.format_exc()}")
         if bc is not None:
             ctx.log(f"agent logs of {name}:\n{bc.cluster.logs()}")
-    finally:
-        broker.stop()
-    result.seconds = time.monotonic() - started
-    result.overlap = (len(overlap), bad_runs, max(overlap, default=0.0))
-    _summarise(result, fault, broker_kind, samples, gaps)
-    return result
+    return measured
 
 
-def _summarise(result: Result, fault: Fault, broker_kind: str, samples: list[Sample], gaps: list[float]) -> None:
-    result.rows.append(Row(fault.metric, "ms", [s.seconds * 1000 for s in samples], fault.target(broker_kind)))
+def _summarise(result: Result, fault: Fault, target: Target | None, samples: list[Sample],
+               gaps: list[float]) -> None:
+    result.rows.append(Row(fault.metric, "ms", [s.seconds * 1000 for s in samples], target))
     if fault.key == "broker-restart":
         result.rows.append(Row("broker stopped → primary confirmed (outage)", "ms",
                                [s.extra["outage"] * 1000 for s in samples]))
@@ -221,15 +287,22 @@ def _summarise(result: Result, fault: Fault, broker_kind: str, samples: list[Sam
         result.notes.append(WHY_MISSED[fault.key])
 
 
-def _register(fault: Fault, broker_kind: str) -> None:
-    @scenario(f"{fault.key}-{broker_kind}", f"{fault.title}, {broker_kind}")
+def _register(fault: Fault, broker_kind: str, profile: Profile = "default") -> None:
+    suffix = "" if profile == "default" else f", {profile} timing profile"
+
+    @scenario(scenario_name(fault, broker_kind, profile=profile), f"{fault.title}, {broker_kind}{suffix}")
     def run(ctx: Context) -> Result:
-        return run_fault(ctx, fault, broker_kind)
+        return run_fault(ctx, fault, broker_kind, profile=profile)
 
 
 for _broker in ("mosquitto", "amqtt"):
     for _fault in FAULTS:
-        _register(_fault, _broker)
+        if _fault.key != "failover-cut" or _broker == "mosquitto":  # (namespaces: Mosquitto, as in production)
+            _register(_fault, _broker)
+# The fast timing profile (issue 13) where it differs: a hang and a partition of the primary.
+for _fault in FAULTS:
+    if _fault.key in ("failover-stop", "failover-cut"):
+        _register(_fault, "mosquitto", "fast")
 
 
 def _register_signed(fault: Fault) -> None:

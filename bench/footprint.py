@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.agents import TopicRecorder
 from harness.brokers import MosquittoProcess
+from hasync.config import Profile
+from hasync.topics import Topics
 
 from .cluster import BenchCluster
 from .registry import Context, scenario
@@ -53,24 +57,43 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
-def measure(ctx: Context, name: str, load: Load | None, *, signed: bool = False, **settings: Any) -> Result:
+def publisher(topics: Topics, topic: str, leader: str) -> str | None:
+    """The node that published a message on ``topic`` (the lease, the leader topic and entity records: the
+    primary, which holds the lease and makes the load's changes)."""
+    parsed = topics.parse(topic)
+    if parsed is None and topic.startswith(f"{topics.base}/nodes/"):
+        return topic.split("/")[len(topics.base.split("/")) + 1]  # (nodes/{node}/primary: HA's sensor)
+    if parsed is None:
+        return None
+    return parsed.node or leader
+
+
+def measure(ctx: Context, name: str, load: Load | None, *, signed: bool = False, profile: Profile = "default",
+            **settings: Any) -> Result:
     window = 30.0 if ctx.full else 10.0
     slices = int(window // SLICE)
     title = "agent footprint, " + ("idle" if load is None else load.name) + ", Mosquitto"
     title += ", signed control messages" if signed else ""
+    title += "" if profile == "default" else f", {profile} timing profile"
+    timings = ("production timings, Home Assistant discovery on" if profile == "default"
+               else f"the {profile} timing profile, Home Assistant discovery off")
     result = Result(name, title, (
-        f"Three agents (production timings, Home Assistant discovery on, log level INFO) on Mosquitto; "
+        f"Three agents ({timings}, log level INFO) on Mosquitto; "
         f"once the cluster is stable, every agent's CPU time is sampled every {SLICE:.0f} s for "
         f"{window:.0f} s ({slices} samples per agent; CPU % = CPU seconds / wall seconds of the slice, "
-        f"100 % = one core) and its VmRSS at the end of each slice. The standby rows pool both standbys."))
+        f"100 % = one core) and its VmRSS at the end of each slice. The standby rows pool both standbys. "
+        "Messages/s: what each agent published in the slice, as a client subscribed to the cluster's topics "
+        "received it (the broker delivers each to every agent subscribed: about three times as many)."))
     workdir = ctx.workdir / name
     broker = MosquittoProcess(workdir / "broker")
     rss: dict[str, list[float]] = {"primary": [], "standby": []}
     cpu: dict[str, list[float]] = {"primary": [], "standby": []}
+    rate: dict[str, list[float]] = {"primary": [], "standby": []}
     started = time.monotonic()
     broker.start()
     try:
-        with BenchCluster(workdir / "agents", broker.url, NODES, signed=signed, **settings) as bc:
+        with BenchCluster(workdir / "agents", broker.url, NODES, signed=signed, profile=profile, **settings) as bc, \
+                TopicRecorder(broker.url, f"{bc.topics.base}/#") as recorder:
             leader = bc.wait_stable(timeout=60, hold=3.0)
             roles = {node: "primary" if node == leader else "standby" for node in bc.agents}
             pids = {node: agent.pid for node, agent in bc.agents.items()}
@@ -81,10 +104,13 @@ def measure(ctx: Context, name: str, load: Load | None, *, signed: bool = False,
                 for _ in range(slices):
                     time.sleep(SLICE)  # the measurement window itself
                     now = time.monotonic()
+                    sent = Counter(publisher(bc.topics, topic, leader) for t, topic, _ in list(recorder.messages)
+                                   if t_before < t <= now)
                     for node, pid in pids.items():
                         spent = cpu_seconds(pid)
                         cpu[roles[node]].append((spent - before[node]) / (now - t_before) * 100)
                         rss[roles[node]].append(rss_mib(pid))
+                        rate[roles[node]].append(sent[node] / (now - t_before))
                         before[node] = spent
                     t_before = now
             if bc.stable_leader() != leader:
@@ -96,15 +122,25 @@ def measure(ctx: Context, name: str, load: Load | None, *, signed: bool = False,
         rss_target = RSS_TARGET_MIB["idle" if load is None else "load"]
         result.rows.append(Row(f"RSS, {role}", "MiB", rss[role], Target("max", rss_target)))
     for role in ("primary", "standby"):
-        # The CPU target is for an idle agent; under load the figure is reported without one.
-        cpu_target = Target("median", CPU_TARGET_PERCENT) if load is None else None
+        # The CPU target is for an idle agent in the default profile; under load, or in the fast profile (what
+        # it costs), the figure is reported without one.
+        cpu_target = Target("median", CPU_TARGET_PERCENT) if load is None and profile == "default" else None
         result.rows.append(Row(f"CPU, {role}", "%", cpu[role], cpu_target))
+    for role in ("primary", "standby"):
+        result.rows.append(Row(f"MQTT messages published, {role}", "/s", rate[role]))
     return result
 
 
 @scenario("footprint", "agent footprint (RSS, CPU), idle, Mosquitto")
 def footprint_idle(ctx: Context) -> Result:
     return measure(ctx, "footprint", None)
+
+
+@scenario("footprint-fast", "agent footprint (RSS, CPU, messages), idle, Mosquitto, fast timing profile")
+def footprint_fast(ctx: Context) -> Result:
+    """The idle footprint in the fast timing profile: what its renewals (10/s) and heartbeats (3.3/s per node)
+    cost, beside the default profile's rows of the same run."""
+    return measure(ctx, "footprint-fast", None, profile="fast")
 
 
 @scenario("footprint-signed", "agent footprint (RSS, CPU), idle, Mosquitto, signed control messages")

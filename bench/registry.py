@@ -27,6 +27,7 @@ class Context:
     workdir: Path
     runs_override: int | None = None
     started: float = field(default_factory=time.monotonic)
+    soak_seconds: float = 3600.0  # how long a soak runs (soak-fast)
 
     @property
     def full(self) -> bool:

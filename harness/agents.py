@@ -103,10 +103,13 @@ class MemoryApi:
 
 class AgentProcess:
     def __init__(self, workdir: Path, node: str, broker_url: str, prefix: str, *,
-                 command_prefix: Sequence[str] = (), **settings: Any) -> None:
-        """``command_prefix``: what runs the agent's command (e.g. ``ip netns exec NS``, harness.netns)."""
+                 command_prefix: Sequence[str] = (), new_session: bool = False, **settings: Any) -> None:
+        """``command_prefix``: what runs the agent's command (e.g. ``ip netns exec NS``, harness.netns).
+        ``new_session``: the agent runs in a session of its own, so the scheduler (autogroup) shares the CPU
+        with it as with a separate service, not as one more process of the test's."""
         self.node = node
         self.command_prefix = list(command_prefix)
+        self.new_session = new_session
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.events_path = workdir / f"{node}.events"
@@ -125,6 +128,8 @@ class AgentProcess:
             "log": {"level": "DEBUG"},
             "events_file": str(self.events_path),
         }
+        if "profile" in settings.get("election", {}):
+            del config["election"]  # a timing profile replaces the test timings (the agent resolves it)
         for key, value in settings.items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
                 config[key] = {**config[key], **value}
@@ -138,7 +143,7 @@ class AgentProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [*self.command_prefix, sys.executable, "-m", "hasync", "agent", "--config", str(self.config_path)],
-            stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=self.new_session,
         )
         log.close()
         return self

@@ -141,7 +141,7 @@ class Agent:
         if connect is None:
             from .mqtt import connector  # the only module that imports aiomqtt
 
-            connect = connector(config.broker)
+            connect = connector(config.broker, urgent=Topics(config.topic_prefix, config.cluster).is_election)
         self._connect = connect
         self._open_websocket = open_websocket
         self.incarnation = secrets.token_hex(6)
@@ -157,7 +157,7 @@ class Agent:
             except signing.SigningError as exc:
                 raise AgentError(f"signing: {exc}") from None
         self.seal = signing.sealer(self.signer)
-        self.metrics = Metrics()
+        self.metrics = Metrics(renew_deadline=config.election.renew_deadline)
         self.publisher = Publisher(clock=clock, on_unacknowledged=self.metrics.publishes_unacknowledged.inc)
         ha = config.homeassistant
         self.router = Router(self.topics, self.node_id,
@@ -227,6 +227,7 @@ class Agent:
         except BaseException:
             await stack.aclose()
             raise
+        stack.callback(self.metrics.watch_gc())
         self._stack = stack
         loops: list[tuple[Part, Callable[[], Awaitable[None]]]] = [
             (Part.CONNECTION, self._connection_loop), (Part.PUBLISHER, self.publisher.run),
@@ -590,7 +591,10 @@ class Agent:
                     self._publish_primary_state()
                 wake_at = min(wake_at, self._next_heartbeat, self._next_primary_state)
             self._wake.clear()
-            await wait_or(self._wake, max(0.0, wake_at - self.clock()))
+            if not await wait_or(self._wake, max(0.0, wake_at - self.clock())):
+                # Woken by its timer: how late. A primary whose event loop stalls for longer than
+                # renew_deadline - renew_interval demotes itself.
+                self.metrics.loop_lag.observe(max(0.0, self.clock() - wake_at))
 
     # ---- incoming -----------------------------------------------------------------------------
 
@@ -643,7 +647,11 @@ class Agent:
         if record.holder == self.node_id and record.incarnation == self.incarnation:
             sent = self._sent.pop((record.kind, record.term, record.seq), None)
             if sent is not None:
-                self.metrics.echo.observe(self.clock() - sent)
+                now = self.clock()
+                self.metrics.echo.observe(now - sent)
+                deadline = self.election.deadline  # (before this echo extends it)
+                if record.kind == "renew" and deadline is not None and record.term == self.election.term:
+                    self.metrics.renewal_margin.observe(deadline - now)
 
     def _primary_parts(self, primary: bool) -> None:
         """The agent's parts that work only on the primary: the health checks of its services, the export."""

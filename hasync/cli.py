@@ -111,7 +111,12 @@ def agent(
             loop.add_signal_handler(sig, node.stop)
         logger.info("hasync agent %s starting: cluster %s, priority %d, broker %s",
                     cfg.node_id, cfg.cluster, cfg.priority, cfg.broker.redacted_url())
-        await node.run()
+        async with node:
+            # What start-up made (modules, the config, the connections) lives as long as the process: out of
+            # the collector's sight, its full collections need not walk it again and again. Each one is a pause
+            # of the whole agent, which a primary in the fast timing profile cannot afford to let grow.
+            gc.freeze()
+            await node.wait()
         logger.info("hasync agent %s stopped", cfg.node_id)
 
     try:

@@ -346,10 +346,25 @@ class HooksConfig(BaseModel):
 
 _DEFAULT_TIMING = Timing()
 
+# Timing profiles (``election.profile``): values for the keys a config leaves out; keys it sets win. ``fast``
+# replaces a hung or cut-off primary in about a second (a lease of 0.85 s) at the cost of about four times the
+# election's messages, and a primary that demotes itself if its event loop stalls for about 0.6 s
+# (README, "Timing profiles"). It asks the broker for the shortest keepalive too: a cut-off agent notices a
+# dead connection, and the broker sends its will, sooner. (Failover itself comes from the lease, not the will.)
+PROFILES: dict[str, dict[str, float]] = {
+    "default": {},
+    "fast": {"lease_duration": 0.85, "renew_deadline": 0.7, "renew_interval": 0.1, "heartbeat_interval": 0.3,
+             "claim_stagger": 0.05},
+}
+PROFILE_KEEPALIVE: dict[str, int] = {"fast": 2}
+Profile = Literal["default", "fast"]
+
 
 class ElectionConfig(_Model):
-    """Seconds. The relations are what the safety argument needs (see hasync.election)."""
+    """Seconds. The relations are what the safety argument needs (see hasync.election). ``profile`` presets the
+    timings a config leaves out (``PROFILES``)."""
 
+    profile: Profile = "default"
     # The defaults are the election's own (hasync.election.Timing): one source of truth.
     lease_duration: Annotated[float, Field(gt=0, le=600)] = _DEFAULT_TIMING.lease_duration
     renew_deadline: Annotated[float, Field(gt=0, le=600)] = _DEFAULT_TIMING.renew_deadline
@@ -364,6 +379,13 @@ class ElectionConfig(_Model):
     damping_max: Annotated[float, Field(ge=0, le=86400)] = _DEFAULT_TIMING.damping_max
     damping_half_life: Annotated[float, Field(gt=0, le=86400)] = _DEFAULT_TIMING.damping_half_life
     damping_max_rtt: Annotated[float, Field(gt=0, le=60)] = _DEFAULT_TIMING.damping_max_rtt
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("profile"), str):
+            return {**PROFILES.get(data["profile"], {}), **data}  # an unknown name fails on the field itself
+        return data
 
     @model_validator(mode="after")
     def _relations(self) -> ElectionConfig:
@@ -387,7 +409,7 @@ class ElectionConfig(_Model):
         return self
 
     def timing(self) -> Timing:
-        return Timing(**self.model_dump())
+        return Timing(**self.model_dump(exclude={"profile"}))
 
 
 def _web_url(value: str, schemes: tuple[str, ...], what: str) -> str:
@@ -687,6 +709,20 @@ class AgentConfig(_Model):
             seen[ip] = i
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_keepalive(cls, data: Any) -> Any:
+        """The election profile's broker keepalive, unless the config sets one."""
+        if not isinstance(data, Mapping):
+            return data
+        election = data.get("election")
+        profile = election.get("profile") if isinstance(election, Mapping) else getattr(election, "profile", None)
+        broker = data.get("broker", {})
+        if not isinstance(profile, str) or profile not in PROFILE_KEEPALIVE or not isinstance(broker, Mapping) \
+                or "keepalive" in broker:
+            return data
+        return {**data, "broker": {**broker, "keepalive": PROFILE_KEEPALIVE[profile]}}
+
     @model_validator(mode="after")
     def _will_after_deadline(self) -> AgentConfig:
         # Mosquitto publishes a silent client's will 1.5 x keepalive after its last packet; with the
@@ -704,6 +740,11 @@ class AgentConfig(_Model):
         # HA's expire_after is whole seconds and must be shorter than the renew deadline, so that HA
         # stops showing a hung primary as primary before another node can be elected.
         if self.homeassistant.discovery and self.election.renew_deadline <= 1:
+            if self.election.profile != "default":
+                raise ValueError(
+                    f"election.profile {self.election.profile} (renew_deadline {self.election.renew_deadline} s) "
+                    "needs homeassistant.discovery: false: the primary sensor's expire_after is whole seconds, too "
+                    "coarse to stop showing a hung primary within a sub-second renew deadline")
             raise ValueError(
                 f"election.renew_deadline ({self.election.renew_deadline}) must exceed 1 s while "
                 "homeassistant.discovery is on: the primary sensor's expire_after (whole seconds) must be "

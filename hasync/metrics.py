@@ -6,13 +6,18 @@ names), never from a message: the number of time series is bounded by the code a
 
 from __future__ import annotations
 
+import gc
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .messages import NodeRole
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, renew_deadline: float = 2.0) -> None:
+        """``renew_deadline``: the renewal margin's buckets are fractions of it."""
         r = self.registry = CollectorRegistry()
         self.role = Gauge("hasync_role", "1 for the node's current role", ["role"], registry=r)
         self.is_primary = Gauge("hasync_is_primary", "1 while this node acts as primary", registry=r)
@@ -58,6 +63,17 @@ class Metrics:
         self.echo = Histogram("hasync_renew_echo_seconds", "Time from sending a lease record to its echo",
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2),
                               registry=r)
+        # How close the primary came to demoting itself: its deadline, less the time each of its renewals came
+        # back (which extends it). At or below 0: the renewal was too late. Buckets of 2.5 % of the deadline.
+        self.renewal_margin = Histogram(
+            "hasync_renewal_margin_seconds", "Time left before the renew deadline when a renewal's echo arrived",
+            buckets=[round(renew_deadline * k / 40, 4) for k in range(41)], registry=r)
+        self.loop_lag = Histogram("hasync_event_loop_lag_seconds", "How late the agent's timers ran",
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1,
+                                           2, 5), registry=r)
+        self.gc_pause = Histogram("hasync_gc_pause_seconds", "Pauses of Python's cyclic garbage collector (while "
+                                  "the agent runs), by generation", ["generation"],
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6), registry=r)
         self.kept = Gauge("hasync_kept", "1 while this node holds resources kept through a broker outage "
                           "(on_broker_loss: kept) without being primary", registry=r)
         self.kept_releases = Counter("hasync_kept_releases", "Times the resources kept through a broker outage "
@@ -95,6 +111,19 @@ class Metrics:
         self.sync_apply_seconds = Histogram("hasync_sync_apply_seconds", "Duration of one apply batch",
                                             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                             registry=r)
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every collection into ``gc_pause`` (the callbacks are the process's); returns the undo."""
+        started: list[float] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[:] = [time.perf_counter()]
+            elif started:
+                self.gc_pause.labels(str(info.get("generation", -1))).observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
+        return lambda: gc.callbacks.remove(on_gc)
 
     def set_role(self, role: NodeRole) -> None:
         for name in NodeRole:

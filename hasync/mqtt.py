@@ -141,10 +141,10 @@ def _write_queued(client: paho.Client) -> MQTTErrorCode:
 class MqttSession:
     """One live connection over aiomqtt (``hasync.transport.Session``)."""
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: aiomqtt.Client, urgent: Callable[[str], bool] | None = None) -> None:
         self._client = client
         self._paho = client._client
-        self._inbox: deque[Incoming] = deque()
+        self._inbox = _Lanes(urgent or _never)
         self._arrived = asyncio.Event()
         # Replaces aiomqtt's callback: the messages go to our queue, not to aiomqtt's.
         self._paho.on_message = self._on_message
@@ -187,8 +187,9 @@ class MqttSession:
             raise _translate(exc) from exc
 
     async def messages(self) -> AsyncIterator[Incoming]:
-        """Every message received, in order, until the connection ends (then ConnectionLost). Messages
-        already queued are handed out without a pass through the event loop in between."""
+        """Every message received, in order within each lane of :class:`_Lanes`, until the connection ends
+        (then ConnectionLost). Messages already queued are handed out without a pass through the event loop in
+        between."""
         inbox = self._inbox
         while True:
             while inbox:
@@ -213,9 +214,41 @@ def _tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
     return context
 
 
+def _never(_topic: str) -> bool:
+    return False
+
+
+class _Lanes:
+    """The received messages waiting for the agent, in two FIFO lanes: ``urgent`` topics first.
+
+    The election's own messages must not queue behind entity records: a primary that is busy (a thousand
+    entity records a second, a loaded machine) reads many packets at once, and its renewals' echoes, which keep
+    it primary, would wait behind every record read before them (fast timing profile: a false failover after
+    about 0.6 s of that). Order is kept within each lane; across lanes MQTT promises none anyway (and the
+    election never relies on it)."""
+
+    __slots__ = ("first", "rest", "urgent")
+
+    def __init__(self, urgent: Callable[[str], bool]) -> None:
+        self.urgent = urgent
+        self.first: deque[Incoming] = deque()
+        self.rest: deque[Incoming] = deque()
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.rest)
+
+    def append(self, message: Incoming) -> None:
+        (self.first if self.urgent(message.topic) else self.rest).append(message)
+
+    def popleft(self) -> Incoming:
+        return self.first.popleft() if self.first else self.rest.popleft()
+
+
 @asynccontextmanager
-async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -> AsyncIterator[MqttSession]:
-    """Connect with a fresh client; leaving the block disconnects (with an exception: uncleanly)."""
+async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None, *,
+                  urgent: Callable[[str], bool] | None = None) -> AsyncIterator[MqttSession]:
+    """Connect with a fresh client; leaving the block disconnects (with an exception: uncleanly). ``urgent``:
+    received messages on the topics it accepts are handed over before any others waiting."""
     username, password = cfg.credentials
     try:
         client = aiomqtt.Client(
@@ -239,7 +272,7 @@ async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None) -
         async with client:
             no_delay(client)
             buffer_reads(client)
-            yield MqttSession(client)
+            yield MqttSession(client, urgent)
     except aiomqtt.MqttError as exc:
         raise _translate(exc) from exc
     except OSError as exc:
@@ -268,11 +301,12 @@ def buffer_reads(client: aiomqtt.Client) -> None:
     paho_client._packet_write = functools.partial(_write_queued, paho_client)  # type: ignore[method-assign]
 
 
-def connector(cfg: BrokerConfig) -> Connect:
-    """The agent's :data:`hasync.transport.Connect` for the broker ``cfg`` describes."""
+def connector(cfg: BrokerConfig, *, urgent: Callable[[str], bool] | None = None) -> Connect:
+    """The agent's :data:`hasync.transport.Connect` for the broker ``cfg`` describes (``urgent``: see
+    :func:`connect`)."""
 
     def connect_to(client_id: str, will: Will | None) -> AbstractAsyncContextManager[Session]:
-        return connect(cfg, client_id, will)
+        return connect(cfg, client_id, will, urgent=urgent)
 
     return connect_to
 

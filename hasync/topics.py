@@ -107,6 +107,15 @@ class Topics:
         broker's retained records, which tells the node it has them all."""
         return f"{self.base}/nodes/{validate_segment(node, 'node id')}/sync-marker"
 
+    def is_election(self, topic: str) -> bool:
+        """The lease or a node's heartbeat (Last Will): what the election reads. Cheap: the receive path asks
+        it of every message (``hasync.mqtt`` hands these to the agent before anything else waiting)."""
+        if topic == self.lease:
+            return True
+        head = f"{self.base}/nodes/"
+        node = topic[len(head):]
+        return topic.startswith(head) and node != "" and "/" not in node
+
     def parse(self, topic: str) -> ParsedTopic | None:
         """The kind of a topic under this cluster, or None for anything else."""
         head = self.base + "/"

@@ -3,6 +3,7 @@ benchmarks cannot rot unnoticed."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -134,3 +135,38 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     for metric in ("latency at 1,000 updates/s", "max sustained updates/s", "snapshot of 10,000 entities"):
         assert re.search(rf"\| {metric}[^|]* \| [a-z/]+ \| \d+ \| {number} \| {number} \|", report), metric
     assert "pending: state sync" not in report
+
+
+def test_the_fast_profile_scenarios_and_the_soak_are_registered_and_the_soak_runs_only_when_named() -> None:
+    import bench.scenarios  # registers them
+    from bench.__main__ import select
+
+    assert bench.scenarios.__all__
+    for name in ("failover-stop-mosquitto-fast", "failover-cut-mosquitto-fast", "failover-cut-mosquitto",
+                 "footprint-fast"):
+        assert SCENARIOS[name].modes == ("quick", "full"), name
+    for soak in ("soak-fast", "soak-default"):
+        assert soak not in select("full", None) and soak not in select("quick", None)
+    assert select("quick", ["soak-fast"]) == ["soak-fast"]
+
+
+def test_histogram_quantiles_interpolate_within_buckets() -> None:
+    from bench.soak import histogram_quantile
+
+    cumulative = {0.0: 0.0, 0.1: 10.0, 0.2: 30.0, 0.4: 100.0, math.inf: 100.0}
+    assert histogram_quantile(cumulative, 0.05) == pytest.approx(0.05)
+    assert histogram_quantile(cumulative, 0.2) == pytest.approx(0.15)
+    assert histogram_quantile(cumulative, 0.65) == pytest.approx(0.3)
+    assert histogram_quantile({0.0: 3.0, 0.1: 3.0, math.inf: 3.0}, 0.01) == 0.0  # all at or below the first bound
+    with pytest.raises(ValueError):
+        histogram_quantile({0.1: 0.0, math.inf: 0.0}, 0.5)
+
+
+def test_footprint_counts_each_message_for_the_node_that_published_it() -> None:
+    from bench.footprint import publisher
+    from hasync.topics import Topics
+
+    t = Topics("bench1", "test")
+    assert [publisher(t, topic, "n1") for topic in (
+        t.lease, t.leader, t.heartbeat("n2"), t.primary_state("n3"), t.sync_marker("n2"), t.entity("light.a"),
+        "elsewhere/x")] == ["n1", "n1", "n2", "n3", "n2", "n1", None]

@@ -751,3 +751,49 @@ def test_federation_needs_home_assistant_and_rejects_unknown_keys() -> None:
     ha = {"url": "http://h:8123", "token": "t"}
     assert "federation.removal_grace" in config_error(federation={"removal_grace": -1}, homeassistant=ha)
     assert "federation.discovery_prefix" in config_error(federation={"discovery_prefix": "a/#"}, homeassistant=ha)
+
+
+# ---- timing profiles ----------------------------------------------------------------------------------
+
+NO_DISCOVERY = {"homeassistant": {"discovery": False}}
+
+
+def test_the_fast_profile_presets_the_election_and_the_keepalive(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "election: {profile: fast}\nhomeassistant: {discovery: false}\n"), env={})
+    e = cfg.election
+    assert (e.profile, e.lease_duration, e.renew_deadline, e.renew_interval, e.heartbeat_interval,
+            e.claim_stagger) == ("fast", 0.85, 0.7, 0.1, 0.3, 0.05)
+    assert cfg.broker.keepalive == 2
+    assert e.preempt_delay == ElectionConfig().preempt_delay  # what the profile leaves alone stays the default
+    cfg.election.timing().check()
+    assert cfg.election.timing().lease_duration == 0.85
+
+
+def test_the_default_profile_is_the_defaults() -> None:
+    assert ElectionConfig(profile="default") == ElectionConfig()
+    assert AgentConfig.model_validate({"election": {"profile": "default"}}).broker.keepalive == BrokerConfig().keepalive
+
+
+def test_explicit_keys_win_over_the_profile() -> None:
+    cfg = AgentConfig.model_validate({"election": {"profile": "fast", "lease_duration": 1.2, "renew_interval": 0.2},
+                                      "broker": {"keepalive": 7}, **NO_DISCOVERY})
+    assert (cfg.election.lease_duration, cfg.election.renew_interval, cfg.election.renew_deadline) == (1.2, 0.2, 0.7)
+    assert cfg.broker.keepalive == 7
+
+
+def test_an_override_that_breaks_the_profiles_safety_rule_is_one_clear_line() -> None:
+    message = config_error(election__profile="fast", election__renew_deadline=0.8, homeassistant__discovery=False)
+    lines = message.splitlines()[1:]
+    assert len(lines) == 1, message
+    assert "lease_duration (0.85) must be at least 1.2 x renew_deadline (0.8)" in lines[0]
+
+
+def test_the_fast_profile_with_home_assistant_discovery_says_what_to_do() -> None:
+    message = config_error(election__profile="fast")
+    lines = message.splitlines()[1:]
+    assert len(lines) == 1, message
+    assert "election.profile fast" in lines[0] and "homeassistant.discovery: false" in lines[0]
+
+
+def test_an_unknown_profile_names_the_known_ones() -> None:
+    assert "election.profile: Input should be 'default' or 'fast'" in config_error(election__profile="fastest")

@@ -94,6 +94,31 @@ def test_agents_started_together_elect_the_best_first(cluster: Cluster) -> None:
     assert [(e["node"], e["term"]) for e in cluster.leaders_since(0)] == [("n1", 1)]
 
 
+@pytest.mark.mosquitto
+def test_fast_profile_sigstop_failover_without_overlap(mosquitto: BrokerProcess, tmp_path: Path,
+                                                        topic_prefix: str) -> None:
+    """The fast timing profile as a user configures it (``election: {profile: fast}``, resolved by the agent):
+    a frozen primary is replaced and its last instant as primary comes before the new promotion (the cluster's
+    audit checks every tenure at the end). How fast is the benchmark's (failover-stop-mosquitto-fast)."""
+    with checked_cluster(tmp_path / "agents", mosquitto.url, topic_prefix) as cluster:
+        leader = three(cluster, preempt=False, election={"profile": "fast"})
+        old = cluster.agents[leader]
+        with LeaseRecorder(mosquitto.url, topic_prefix) as recorder:
+            wait_until(lambda: recorder.records, 5, "a renewal")
+        assert {r.lease_ms for _, r in recorder.records} == {850}  # the profile's lease, on the wire
+        t_stop = time.monotonic()
+        old.signal(signal.SIGSTOP)
+        try:
+            new = cluster.wait_for_leader(timeout=10, after=t_stop, exclude=leader)
+            t_new = cluster.leaders_since(t_stop)[0]["t"]
+        finally:
+            old.signal(signal.SIGCONT)
+        demote = wait_until(lambda: [e for e in old.events() if e["event"] == "demote"], 10,
+                            "the woken primary to record its demotion")[-1]
+        assert demote["acting_until"] < t_new, (demote, t_new)
+        assert new != leader and cluster.current_leader() == new
+
+
 def test_sigstop_leader_steps_down_and_stays_down_on_wake(cluster: Cluster) -> None:
     # Without preemption, so that the woken (highest-priority) node has no legitimate way back.
     leader = three(cluster, preempt=False)

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.sim import RATE_BOUNDS, Host, InvariantError, Net, Sim
+from hasync.config import ElectionConfig
 from hasync.election import Timing
 from hasync.messages import LeaseRecord
 
@@ -194,6 +195,7 @@ def check_liveness(sim: Sim) -> None:
 # ---- hand-written scenarios ---------------------------------------------------------------------
 
 THREE = (HostSpec(), HostSpec(), HostSpec())
+FAST = ElectionConfig(profile="fast").timing()  # the fast timing profile (election.profile: fast)
 
 
 def promotions(sim: Sim) -> list[tuple[float, str, int]]:
@@ -302,6 +304,20 @@ def test_partition_of_the_leader(will: bool, learn_delay: float) -> None:
         assert t1 >= 10.0 + 3.0 - 0.5
     old = sim.hosts[old_iv.node].election
     assert old is not None and old.conn == 2  # came back on a new connection, as a follower
+
+
+@pytest.mark.parametrize("kind", ["pause", "cut"])
+def test_fast_profile_replaces_a_hung_or_cut_off_leader_within_its_lease_without_overlap(kind: FaultKind) -> None:
+    """The fast profile's failover by silence (no will: the broker's keepalive is far longer): a lease of
+    silence after the last renewal the others received, and the old tenure ends before the new one starts
+    (``run`` checks every invariant; the bound here is the protocol's, the benchmark measures the real one)."""
+    sc = Scenario(THREE, faults=(FaultSpec(at=10.0, kind=kind, duration=3.0, will=False),), timing=FAST, seed=9)
+    sim = run(sc)
+    old_iv = sim.intervals[0]
+    t1, new, _ = first_promotion_after(sim, 10.0)
+    assert new != old_iv.node
+    assert 10.0 + FAST.lease_duration - FAST.renew_interval - 0.1 <= t1 < 10.0 + FAST.lease_duration + 0.2
+    assert old_iv.end is not None and old_iv.end <= 10.0 + FAST.renew_deadline < t1
 
 
 def test_graceful_handover_to_the_named_successor_is_immediate() -> None:
@@ -474,6 +490,7 @@ TIMINGS = [
     Timing(will_fast_path=False),
     Timing(lease_duration=1.5, renew_deadline=1.0, renew_interval=0.25, heartbeat_interval=0.5,
            claim_stagger=0.05, preempt_delay=2.0),
+    FAST,
 ]
 
 

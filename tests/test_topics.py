@@ -181,3 +181,11 @@ def test_topics_of_another_cluster_never_parse(prefix: str, cluster: str, other:
     mine, theirs = Topics(prefix, cluster), Topics(prefix, other)
     for topic in (theirs.lease, theirs.leader, theirs.heartbeat(node), theirs.command(node)):
         assert (mine.parse(topic) is None) == (cluster != other)
+
+
+def test_is_election_is_the_lease_and_the_heartbeats_only() -> None:
+    t = Topics("hasync", "home")
+    assert t.is_election(t.lease) and t.is_election(t.heartbeat("n1"))
+    others = [t.leader, t.command("n1"), t.primary_state("n1"), t.sync_marker("n1"), t.ha_probe("n1"),
+              t.entity("light.kitchen"), "hasync/other/lease", "hasync/home/nodes/", "hasync/home/leases"]
+    assert not [topic for topic in others if t.is_election(topic)]
