@@ -185,7 +185,8 @@ def test_at_the_renew_deadline_the_addresses_go_even_while_the_promote_hook_hang
     async def scenario() -> None:
         host = FakeHost()
         async with inprocess.cluster() as c:
-            agent = await c.add("n1", host=host, **vip_settings(VIP))
+            # A lease long enough for lifetimes beyond the renew deadline (4 s): the demotion removes the address.
+            agent = await c.add("n1", host=host, election={"lease_duration": 6.0}, **vip_settings(VIP))
             hooks = agent.effects.hooks = HangingHooks()  # before it is elected: the promote hook never ends
             await c.wait_for_leader()
             await asyncio.sleep(1)
