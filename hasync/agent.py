@@ -294,13 +294,14 @@ class Agent:
             self.http_port = http.port
             logger.info("HTTP endpoints on http://%s:%d (/healthz /role /metrics)", http.host, http.port)
         self.effects.starting()
-        if self.guardian is not None and await self.guardian.start():
-            stack.push_async_callback(self.guardian.close)  # (after the release below: last in, first out)
         if self.vip is not None:
             # Off every interface before this node can be elected (a previous run may have been killed as
-            # primary), and off again on the way out, whatever ends the agent (after the tasks stopped).
+            # primary), and off again on the way out, whatever ends the agent (after the tasks stopped); the
+            # guardian, started meanwhile, is let go after that (last in, first out).
+            if self.guardian is not None:
+                stack.push_async_callback(self.guardian.close)
             stack.push_async_callback(self.vip.release)
-            await self.vip.check()
+            await asyncio.gather(self.vip.check(), *([self.guardian.start()] if self.guardian is not None else []))
         if cfg.maintenance:
             self._feed(MaintenanceChanged(on=True))
         ha = cfg.homeassistant

@@ -580,6 +580,10 @@ class VipAddress(_Model):
     def prefixlen(self) -> int:
         return ipaddress.ip_interface(self.address).network.prefixlen
 
+    @property
+    def ip_interface(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+        return ipaddress.ip_interface(self.address)
+
 
 class FederationRules(_Model):
     domains: list[str] = Field(default_factory=list)

@@ -100,8 +100,6 @@ if TYPE_CHECKING:
     from pyroute2 import AsyncIPRoute
 
 logger = logging.getLogger(__name__)
-# pyroute2 logs every netlink message at DEBUG: at the agent's DEBUG level that drowns its own log.
-logging.getLogger("pyroute2").setLevel(logging.WARNING)
 R = TypeVar("R")
 
 ANNOUNCE_COUNT = 3
@@ -206,6 +204,12 @@ class PyRoute2Netlink:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        # Imported here, at the agent's start, not by the first request: on a busy small host the import alone
+        # can take longer than NETLINK_TIMEOUT. It sets its logger's level; pyroute2 logs every netlink message
+        # at DEBUG, which at the agent's DEBUG level would drown its own log.
+        import pyroute2  # noqa: F401
+
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
     async def add(self, vip: VipAddress, lifetime: Lifetime | None = None) -> int | None:
         return await self._call(vip, "add", lifetime)
