@@ -304,3 +304,24 @@ def test_a_guardian_killed_is_harmless_and_started_again(tmp_path: Path, topic_p
             assert "the guardian exited (-9); starting it again" in agent.log()
             time.sleep(FAST_FENCED_ELECTION["lease_duration"])  # renewals go on; the address with them
             assert vip in addresses(lan, "n1") and agent.status()["primary"]
+
+
+def test_vip_release_takes_off_what_an_agent_left_behind(tmp_path: Path) -> None:
+    """``hasync vip-release`` (the systemd unit's ExecStopPost): the configured addresses off their interface,
+    whatever else is there left alone; a second run finds nothing."""
+    why = netns.available()
+    if why is not None:
+        pytest.skip(why)
+    with netns.Lan(["n1"]) as lan:
+        third = lan.gateway.split(".")[2]
+        ours = [f"10.213.{third}.50/24", f"fd00:213:{int(third):x}::50/64"]
+        for address in ours:
+            lan.run_in("n1", "ip", "addr", "add", address, "dev", "eth0", *(["nodad"] if ":" in address else []))
+        config = tmp_path / "hasync.yaml"
+        config.write_text(json.dumps({"node_id": "n1", "vip": [{"address": a, "interface": "eth0"} for a in ours]}))
+        release = [*lan.prefix("n1"), sys.executable, "-m", "hasync", "vip-release", "--config", str(config)]
+        first = subprocess.run(release, capture_output=True, text=True, timeout=60, check=False)
+        assert first.returncode == 0 and first.stdout.strip() == f"removed {ours[0]} on eth0, {ours[1]} on eth0"
+        assert addresses(lan, "n1") & set(ours) == set() and f"{lan.addresses['n1']}/24" in addresses(lan, "n1")
+        again = subprocess.run(release, capture_output=True, text=True, timeout=60, check=False)
+        assert (again.returncode, again.stdout.strip()) == (0, "none of the floating IPs was on its interface")
