@@ -297,11 +297,11 @@ class Agent:
         if self.vip is not None:
             # Off every interface before this node can be elected (a previous run may have been killed as
             # primary), and off again on the way out, whatever ends the agent (after the tasks stopped); the
-            # guardian, started meanwhile, is let go after that (last in, first out).
+            # guardian (its own task) is let go after that (last in, first out).
             if self.guardian is not None:
                 stack.push_async_callback(self.guardian.close)
             stack.push_async_callback(self.vip.release)
-            await asyncio.gather(self.vip.check(), *([self.guardian.start()] if self.guardian is not None else []))
+            await self.vip.check()
         if cfg.maintenance:
             self._feed(MaintenanceChanged(on=True))
         ha = cfg.homeassistant

@@ -626,7 +626,11 @@ class Guardian:
                 answer = (await process.stdout.readline()).decode(errors="replace").strip()
         except TimeoutError:
             answer = ""
-        if answer != guardian.READY:
+        except asyncio.CancelledError:  # the agent is leaving before it was ready
+            os.close(write)
+            process.kill()
+            raise
+        if answer.partition(" ")[0] != guardian.READY:
             os.close(write)
             if process.returncode is None:
                 process.kill()
@@ -639,19 +643,22 @@ class Guardian:
         self._process, self._pipe = process, write
         self.starts += 1
         self._metrics.vip_guardian.set(1)
-        logger.debug("floating IP: guardian started (pid %d)", process.pid)
+        logger.debug("floating IP: guardian started (pid %d, %s)", process.pid, answer.partition(" ")[2].strip("()"))
         return True
 
     async def run(self) -> None:
-        """While the agent runs: start it again whenever it exits (killed: it is harmless, but it must be back)."""
+        """The agent's ``guardian`` task: start it (the agent does not wait: a node observes for a lease before
+        it can be elected), and again whenever it exits (killed, it is harmless, but it must be back)."""
         backoff = Backoff(1.0, 60.0)
-        while not self._denied:
-            if self._process is not None:
-                code = await self._process.wait()
-                self._lost(f"the guardian exited ({code}); starting it again")
-            await asyncio.sleep(backoff.next_delay())
+        while True:
             if await self.start():
                 backoff.reset()
+                assert self._process is not None
+                code = await self._process.wait()
+                self._lost(f"the guardian exited ({code}); starting it again")
+            if self._denied:
+                return
+            await asyncio.sleep(backoff.next_delay())
 
     def _lost(self, why: str) -> None:
         self._process = None
