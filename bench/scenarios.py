@@ -1,6 +1,6 @@
 """Imports every scenario module, which registers its scenarios in ``bench.registry.SCENARIOS``.
 The order here is the order of the report."""
 
-from . import failover, footprint, ha_failover, home, mqttloop, syncbench, syncha
+from . import failover, footprint, ha_failover, home, mqttloop, syncbench, syncha, viplifetime
 
-__all__ = ["failover", "footprint", "ha_failover", "home", "mqttloop", "syncbench", "syncha"]
+__all__ = ["failover", "footprint", "ha_failover", "home", "mqttloop", "syncbench", "syncha", "viplifetime"]

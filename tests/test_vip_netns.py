@@ -196,6 +196,7 @@ def test_a_primary_cut_off_drops_the_address_before_the_successor_adds_it(tmp_pa
 RUNS = int(os.environ.get("HASYNC_FENCE_RUNS", "3"))
 
 
+@pytest.mark.timeout(60 + 15 * RUNS)
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_a_killed_or_frozen_primary_lets_go_before_the_successor_takes_over(tmp_path: Path, topic_prefix: str,
                                                                           fault: str) -> None:
