@@ -252,9 +252,9 @@ def test_a_killed_or_frozen_primary_lets_go_before_the_successor_takes_over(tmp_
 # ---- the guardian ------------------------------------------------------------------------------------------
 
 
-def test_the_guardian_removes_the_addresses_when_its_pipe_closes_and_not_before(tmp_path: Path) -> None:
-    """The guardian process alone, in a namespace: with the agent's end of the pipe open it removes nothing,
-    whatever it is sent (SIGINT, SIGTERM, SIGHUP); the moment that end closes, it removes IPv4 and IPv6."""
+@contextlib.contextmanager
+def addresses_left_on_a_node() -> Iterator[tuple[netns.Lan, list[str]]]:
+    """A namespace n1 whose eth0 holds an IPv4 and an IPv6 floating address, no agent."""
     why = netns.available()
     if why is not None:
         pytest.skip(why)
@@ -263,6 +263,13 @@ def test_the_guardian_removes_the_addresses_when_its_pipe_closes_and_not_before(
         ours = [f"10.213.{third}.50/24", f"fd00:213:{int(third):x}::50/64"]
         for address in ours:
             lan.run_in("n1", "ip", "addr", "add", address, "dev", "eth0", *(["nodad"] if ":" in address else []))
+        yield lan, ours
+
+
+def test_the_guardian_removes_the_addresses_when_its_pipe_closes_and_not_before(tmp_path: Path) -> None:
+    """The guardian process alone, in a namespace: with the agent's end of the pipe open it removes nothing,
+    whatever it is sent (SIGINT, SIGTERM, SIGHUP); the moment that end closes, it removes IPv4 and IPv6."""
+    with addresses_left_on_a_node() as (lan, ours):
         read, write = os.pipe()
         args = [arg for address in ours for arg in ("eth0", address)]
         with subprocess.Popen([*lan.prefix("n1"), sys.executable, "-m", "hasync.guardian", *args], stdin=read,
@@ -310,14 +317,7 @@ def test_a_guardian_killed_is_harmless_and_started_again(tmp_path: Path, topic_p
 def test_vip_release_takes_off_what_an_agent_left_behind(tmp_path: Path) -> None:
     """``hasync vip-release`` (the systemd unit's ExecStopPost): the configured addresses off their interface,
     whatever else is there left alone; a second run finds nothing."""
-    why = netns.available()
-    if why is not None:
-        pytest.skip(why)
-    with netns.Lan(["n1"]) as lan:
-        third = lan.gateway.split(".")[2]
-        ours = [f"10.213.{third}.50/24", f"fd00:213:{int(third):x}::50/64"]
-        for address in ours:
-            lan.run_in("n1", "ip", "addr", "add", address, "dev", "eth0", *(["nodad"] if ":" in address else []))
+    with addresses_left_on_a_node() as (lan, ours):
         config = tmp_path / "hasync.yaml"
         config.write_text(json.dumps({"node_id": "n1", "vip": [{"address": a, "interface": "eth0"} for a in ours]}))
         release = [*lan.prefix("n1"), sys.executable, "-m", "hasync", "vip-release", "--config", str(config)]
