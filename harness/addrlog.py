@@ -5,17 +5,14 @@ there (``ip netns set NAME auto``), on one netlink socket: the kernel queues eac
 the change (under its routing lock), so the order of the lines is the order of the changes, across
 namespaces. Separate monitors, one per namespace, would each add their own wake-up delay to their
 timestamps: on a busy machine that can reverse two changes a few milliseconds apart. The times are ``ip``'s
-own stamps, taken when it reads a notification (converted to ``time.monotonic()``; it runs in the real-time
-class where it may, so it reads each one as it comes): a margin between two changes is a lower bound (two
-read in one wake-up get nearly the same time), the order exact.
+own stamps, taken when it reads a notification (converted to ``time.monotonic()``): a margin between two
+changes is a lower bound (two read in one wake-up get nearly the same time), the order exact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -47,11 +44,9 @@ class AddressLog:
         self.changes: list[Change] = []
         self._nodes: dict[int, str] = {}
         self._ready = threading.Event()
-        # In the real-time class where it may (root): it wakes for each notification at once, rather than
-        # reading two of them in one go after the busy machine got round to it (their margin then shows as 0).
-        rt = ["chrt", "-f", "2"] if shutil.which("chrt") and os.geteuid() == 0 else []
-        self._reader = LineReader([*rt, "ip", "-ts", "-o", "monitor", "address", "all-nsid"], self._line,
-                                  workdir / "address-log.txt")
+        # (In the real-time class where it may: it reads each change as it comes, see netns.realtime.)
+        self._reader = LineReader([*netns.realtime(), "ip", "-ts", "-o", "monitor", "address", "all-nsid"],
+                                  self._line, workdir / "address-log.txt")
 
     def _line(self, line: str) -> None:
         parsed = _ip_stamp(line)

@@ -163,8 +163,8 @@ class AddressMonitor:
         self.lan, self.node, self.ip = lan, node, ip
         self.changes: list[tuple[float, bool]] = []
         self._ready = threading.Event()
-        self._reader = LineReader([*lan.prefix(node), "ip", "-ts", "-o", "monitor", "address"], self._line,
-                                  workdir / f"monitor-{node}.log")
+        self._reader = LineReader([*lan.prefix(node), *netns.realtime(), "ip", "-ts", "-o", "monitor", "address"],
+                                  self._line, workdir / f"monitor-{node}.log")
 
     def _line(self, line: str) -> None:
         parsed = _ip_stamp(line)
@@ -205,8 +205,8 @@ class NeighbourMonitor:
         self.lan, self.node, self.ip = lan, node, ip
         self.changes: list[tuple[float, str | None]] = []
         self._ready = threading.Event()
-        self._reader = LineReader([*lan.prefix(node), "ip", "-ts", "-o", "monitor", "neigh"], self._line,
-                                  workdir / f"monitor-neigh-{node}.log")
+        self._reader = LineReader([*lan.prefix(node), *netns.realtime(), "ip", "-ts", "-o", "monitor", "neigh"],
+                                  self._line, workdir / f"monitor-neigh-{node}.log")
 
     def _line(self, line: str) -> None:
         parsed = _ip_stamp(line)
@@ -746,7 +746,9 @@ class Home:
                        and answered_by(self.client.attempts, new, t_fault), FAILOVER_TIMEOUT,
                        f"{new} to answer the client for the floating IP ({system.name}, {fault})", step=0.01)
         added = self.monitors[new].added_after(t_fault)
-        over = answered_by(self.client.attempts, new, added if added is not None else t_fault)
+        # (From its add only when the same node may hold it again: a monitor's stamp can come after the first
+        # answer that address gave.)
+        over = answered_by(self.client.attempts, new, added if added is not None and new == old else t_fault)
         assert over is not None
         # The fault stands a while after the failover (the observation window, not a wait for an event): a
         # node that cannot let go (killed, frozen, cut off) shows as two holders for at least this long.
