@@ -346,6 +346,7 @@ class HasyncPair:
         self.quiet = PRODUCTION["lease_duration"] + 1.5  # a (re)connected node observes a lease before it may claim
         self.cluster: Cluster | None = None
         self.deaths: dict[str, float] = {}  # "node#incarnation" -> the time of its kill -9
+        self._observing_until = 0.0  # a restarted agent may not claim before
 
     def start(self) -> None:
         home = self.home
@@ -395,6 +396,8 @@ class HasyncPair:
 
     def holder(self) -> str | None:
         cluster = self._cluster()
+        if time.monotonic() < self._observing_until:
+            return None
         now = time.monotonic()
         acting = [t.node.partition("#")[0] for t in self._tenures() if t.end >= now]
         leader = acting[0] if len(acting) == 1 else None
@@ -431,7 +434,11 @@ class HasyncPair:
         cluster = self._cluster()
         match fault:
             case Fault.KILL:
-                cluster.agents[node].start()
+                # A (re)connected node claims, even on a will, only after observing for a lease: the pair is
+                # steady once that is over (the quiet period counts from here, and a start can take seconds).
+                agent = cluster.agents[node].start()
+                wait_until(lambda: agent.status().get("connected"), FAILOVER_TIMEOUT, f"{node} to connect")
+                self._observing_until = time.monotonic() + PRODUCTION["lease_duration"]
             case Fault.STOP:
                 cluster.agents[node].signal(signal.SIGCONT)
             case Fault.LINK:
