@@ -77,6 +77,7 @@ when a floating IP is configured) and ``Announcer`` (``RawAnnouncer``: frames bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import ipaddress
@@ -108,6 +109,8 @@ NETLINK_TIMEOUT = 2.0  # s one netlink request may take (the kernel answers in a
 RECHECK_INTERVAL = 10.0  # s between checks while a fault stands
 REMOVE_RETRY = 1.0  # s between attempts to remove an address that would not go
 IFA_F_NODAD = 0x02  # linux/if_addr.h
+TOPUP_EARLY = 0.05  # s: a top-up aims its lifetime's end this much before the latest safe one (loop lateness)
+TOPUP_GAIN = 0.1  # s a top-up must add to the lifetime's end to be worth a netlink call
 GUARDIAN_START_TIMEOUT = 10.0  # s for the guardian to start and say whether it may remove addresses
 GUARDIAN_STOP_TIMEOUT = 2.0  # s it has to exit once the agent lets it go
 
@@ -345,6 +348,7 @@ class FloatingIps:
         self._gone_by: float | None = None  # when the fenced addresses must be gone unless refreshed (extend)
         self._expires: dict[str, float] = {}  # when each fenced address's lifetime ends, as last given
         self._refresh_due = False
+        self._topup_at = math.inf  # when a refresh would end the fenced addresses' lifetimes later (none came back)
         self._lapses = 0
         self._netlink = netlink
         self._announcer = announcer
@@ -447,7 +451,8 @@ class FloatingIps:
             now = self._clock()
             due = [self._next_check if not self._want and not self._held else float("inf"),
                    self._next_announce if self._want and self._announce_left else float("inf"),
-                   self._next_retry if self._unwanted() else float("inf")]
+                   self._next_retry if self._unwanted() else float("inf"),
+                   self._topup_at if self._want else float("inf")]
             await wait_or(self._wake, max(0.001, min(due) - now))  # (at least a millisecond: float rounding)
 
     async def _reconcile(self) -> None:
@@ -458,9 +463,12 @@ class FloatingIps:
             elif not self._held and self._fault is not None and self._clock() >= self._next_check:
                 await self.check()
             return
+        if self._clock() >= self._topup_at:
+            self._topup_at, self._refresh_due = math.inf, True
         if self._added_for != self._tenure or self._refresh_due:
             async with self._lock:
                 await self._hold_all()
+                self._topup_at = self._next_topup()
         if self._want and self._announce_left and self._clock() >= self._next_announce:
             self._announce()
 
@@ -509,9 +517,28 @@ class FloatingIps:
         if added:
             self._announce_left, self._next_announce = ANNOUNCE_COUNT, self._clock()
 
+    def _next_topup(self) -> float:
+        """When a refresh would end the fenced addresses' lifetimes later than those last given, if it would.
+
+        A lifetime given at ``t`` ends at ``t + floor(gone_by - ADDRESS_LIFETIME_LAG - t)``: up to a second before
+        the latest safe end. A refresh the moment a renewal comes back gets a second with the defaults, while the
+        next renewal is due half a second later; when none comes (a broker cut, a slow broker), the same
+        ``gone_by`` allows a lifetime that ends later, given at the last moment it still gets as many whole
+        seconds. (A frozen agent gives none: its address goes a lifetime after its last refresh.)"""
+        given = [self._expires[address] for address in self._held if address in self._expires]
+        if self._gone_by is None or not given:
+            return math.inf
+        best = self._gone_by - ADDRESS_LIFETIME_LAG - TOPUP_EARLY
+        whole = math.floor(best - self._clock())
+        return best - whole if best > min(given) + TOPUP_GAIN and whole >= 1 else math.inf
+
     async def _refresh(self, vip: VipAddress, lifetime: Lifetime) -> bool:
-        """A new lifetime for a fenced address held; False if that failed in a way that makes the node unfit."""
+        """A new lifetime for a fenced address held, unless it would end no later than the one it has; False if
+        that failed in a way that makes the node unfit."""
         started = self._clock()
+        with contextlib.suppress(VipError):  # (too late: the seam says so below)
+            if started + lifetime.seconds(started) <= self._expires.get(vip.address, -math.inf):
+                return True
         if started >= self._expires.get(vip.address, math.inf):
             self._lapses += 1
             self._metrics.vip_lapses.inc()

@@ -465,18 +465,24 @@ def test_fenced_addresses_live_from_renewal_to_renewal_kept_ones_for_ever(settin
 
 
 def test_renewals_that_come_back_late_let_the_address_lapse_and_the_next_one_adds_it_again() -> None:
-    """The broker stalls for 1.6 s: no renewal comes back, the fenced address's lifetime (1 s) ends while the
-    node is still primary (its renew deadline is 2 s); the first renewal back after that adds it again."""
+    """The broker stalls for 1.85 s: no renewal comes back. 0.7 s after the last one was sent the address gets
+    the longest lifetime that one allows (a top-up: to 1.7 s after it, rather than the 1 s it got when it came
+    back); that ends while the node is still primary (its renew deadline is 2 s after it); the first renewal
+    back after that adds the address again."""
 
     async def scenario() -> None:
         host = FakeHost()
         async with inprocess.cluster() as c:
             agent = await c.add("n1", host=host, **vip_settings(VIP))
             await c.wait_for_leader()
-            await asyncio.sleep(1)
+            await asyncio.sleep(1)  # (just after a renewal came back)
+            t0 = vclock.clock()
             c.fake.pause()
-            await asyncio.sleep(1.6)
-            assert host.addresses() == set() and agent.is_primary() and len(host.times("expire")) == 1
+            await asyncio.sleep(1.85)
+            [topup] = [t for t in host.times("refresh") if t > t0]
+            [expired] = host.times("expire")
+            assert topup == pytest.approx(t0 + 0.7, abs=0.02) and expired == pytest.approx(t0 + 1.7, abs=0.02)
+            assert host.addresses() == set() and agent.is_primary()
             c.fake.resume()
             await eventually(lambda: host.addresses() == {VIP}, 1, "the address back")
             assert c.leader() == "n1" and len(c.promotions()) == 1
@@ -486,7 +492,7 @@ def test_renewals_that_come_back_late_let_the_address_lapse_and_the_next_one_add
     run(scenario)
 
 
-def test_a_renewal_back_too_late_for_a_lifetime_of_a_second_refreshes_nothing_and_is_no_fault() -> None:
+def test_without_renewals_a_top_up_then_a_lapse_a_late_one_refreshes_nothing_and_no_fault() -> None:
     async def scenario() -> None:
         host, metrics = FakeHost(), Metrics()
         faults: list[str | None] = []
@@ -495,17 +501,22 @@ def test_a_renewal_back_too_late_for_a_lifetime_of_a_second_refreshes_nothing_an
         task = asyncio.create_task(ips.run())
         t0 = vclock.clock()
         ips.promoted()
-        ips.extend(t0 + 2.0)  # sent at t0, the takeover at t0 + 3: 1 s
+        ips.extend(t0 + 2.0)  # sent at t0: another node may hold it from t0 + 3
         await eventually(lambda: host.addresses() == {VIP}, 1, "the address")
-        await asyncio.sleep(1.5)
-        ips.extend(t0 + 2.1)  # a renewal sent at t0 + 0.1 back only now: 3.1 - 1.25 - 1.5 < 1 s left
+        assert host.seconds == [1] and host.lifetimes[("eth0", VIP)] == t0 + 1  # floor(3 - 1.25)
+        await eventually(lambda: host.times("refresh"), 1, "the top-up")
+        assert host.times("refresh") == [pytest.approx(t0 + 0.7)] and host.seconds == [1, 1]  # until t0 + 1.7
+        await eventually(lambda: host.times("expire"), 2, "the lifetime's end")
+        assert host.times("expire") == [pytest.approx(t0 + 1.7)]
+        await asyncio.sleep(0.1)
+        ips.extend(t0 + 2.1)  # a renewal sent at t0 + 0.1, back only now: 3.1 - 1.25 - 1.8 < 1 s left
         await eventually(lambda: ips.status()["lapses"] == 1, 1, "the refresh")
-        assert host.times("refresh") == [] and host.addresses() == set() and host.seconds == [1]
+        assert len(host.times("refresh")) == 1 and host.addresses() == set() and host.seconds == [1, 1]
         assert ips.fault is None and faults == [] and ips.held == [VIP]  # still its to hold and remove
         assert metrics.vip_errors.labels("refresh", "late")._value.get() == 1
-        ips.extend(t0 + 3.6)  # one in time: sent at t0 + 1.6, back at t0 + 1.5 + a bit
+        ips.extend(t0 + 3.8)  # one in time: sent at t0 + 1.8
         await eventually(lambda: host.addresses() == {VIP}, 1, "the address again")
-        assert host.seconds == [1, 1]
+        assert host.seconds == [1, 1, 1]
         task.cancel()
 
     run(scenario)
