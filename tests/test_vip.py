@@ -522,6 +522,29 @@ def test_without_renewals_a_top_up_then_a_lapse_a_late_one_refreshes_nothing_and
     run(scenario)
 
 
+def test_a_refresh_never_ends_a_lifetime_sooner() -> None:
+    """A renewal a little newer than the last, back late: its lifetime would be a whole second shorter than the
+    top-up's (lease 6 s: the renew deadline plus 4 s); nothing is sent."""
+
+    async def scenario() -> None:
+        host = FakeHost()
+        ips = FloatingIps([VipAddress(address=VIP, interface="eth0")], Metrics(), netlink=host, announcer=host,
+                          clock=vclock.clock, takeover_gap=4.0)
+        task = asyncio.create_task(ips.run())
+        t0 = vclock.clock()
+        ips.promoted()
+        ips.extend(t0 + 2.0)
+        await eventually(lambda: host.times("refresh"), 1, "the top-up")
+        assert host.seconds == [4, 4] and host.lifetimes[("eth0", VIP)] == pytest.approx(t0 + 4.7)
+        await asyncio.sleep(0.15)
+        ips.extend(t0 + 2.05)  # floor(6.05 - 1.25 - 0.85) = 3: until t0 + 3.85
+        await asyncio.sleep(0.1)
+        assert host.seconds == [4, 4] and len(host.times("refresh")) == 1
+        task.cancel()
+
+    run(scenario)
+
+
 def test_a_refresh_that_fails_is_a_fault_and_the_node_hands_over() -> None:
     async def scenario() -> None:
         h1, h2 = FakeHost(), FakeHost()
