@@ -44,12 +44,14 @@ and no sooner than a second after its previous run, which any change of an addre
 triggers: measured 0.25 s and 0.93 s). A request the kernel handles at ``t`` therefore gets
 ``floor(s + takeover_after - ADDRESS_LIFETIME_LAG - t)`` seconds (``Lifetime``), computed by the seam right
 before it sends the request; when that is not even one second (the renewal came back too late), there is
-no refresh (counted, ``error="late"``), and the address lapses while this node may still be primary: with
-the defaults a second after the last renewal that came back in time, a second before the renew deadline.
-A refresh that comes after the address's lifetime ended adds it again and is counted
-(``hasync_vip_lapses_total``). A refresh that fails otherwise is a fault, like an add. With the defaults
-(lease 3 s, renew deadline 2 s, keepalive 5 s) the lifetime is one second from each renewal, refreshed
-every 0.5 s; the configuration refuses timings without room for one second
+no refresh (counted, ``error="late"``). With the defaults (lease 3 s, renew deadline 2 s, keepalive 5 s) a
+renewal back at once gives one second, and the next one comes half a second later; when none does (a broker
+cut or stalled), a top-up gives the longest lifetime the last one allows (``_next_topup``: 1.7 s after it
+was sent), so the address stays nearly until the renew deadline (2 s) removes it. It lapses while this node
+may still be primary only when no renewal has come back for those 1.7 s (a second, if the agent itself was
+starved); a refresh that comes after that adds it again and is counted (``hasync_vip_lapses_total``). A
+refresh never shortens a lifetime; one that fails otherwise than late is a fault, like an add. The
+configuration refuses timings without room for one second
 (``AgentConfig._fenced_lifetime``). A kept address stays permanent: it must outlive a broker outage, when
 there are no renewals, for as long as the agent is alive; a frozen agent keeps it (as a cut-off one does,
 the trade-off of ``kept``).
