@@ -65,8 +65,9 @@ METHOD = (
     f"stand {HOLD:g} s more, lifts it (restart, SIGCONT, link up, rules removed) and waits until steady "
     "again. **Outage**: the longest time between two answers' arrivals during which requests failed, from "
     "the fault until the fault is lifted (0: no request failed). **Two holders**: the time both nodes had "
-    "the address configured, from the fault until steady again; where the old holder cannot act (killed, "
-    f"frozen) it lasts until the fault is lifted, so about the failover + {HOLD:g} s by construction. "
+    "the address configured, from the fault until steady again; where the old holder cannot act and nothing "
+    f"removes its address (keepalived killed or frozen) it lasts until the fault is lifted, so about the "
+    f"failover + {HOLD:g} s by construction. "
     "**ARP**: from the fault to the client's entry for the address pointing at the new holder's MAC, as "
     "`ip monitor neigh` reported it (runs where it did, of those where the holder changed).")
 
@@ -198,9 +199,13 @@ def home_keepalived(ctx: Context) -> Result:
         "broker, keepalived: not applicable. hasync's default `vip:` is fenced: a primary that loses the "
         "broker removes the address at its renew deadline, so the house loses the floating IP until the "
         "broker is back and a lease has been observed.",
-        "kill -9 and SIGSTOP take down the agent (or keepalived) only: the node's kernel keeps the address "
-        "and its Home Assistant keeps answering, so the client sees no outage with either system; until the "
-        "new holder's gratuitous ARP the client still talks to the old node, then to the new one. Neither "
-        "system can fence a process that is dead or frozen: two holders until it is restarted or thawed.",
+        "kill -9 and SIGSTOP take down the agent (or keepalived) only; the node's Home Assistant keeps "
+        "answering. keepalived's node keeps the address (two holders until keepalived is restarted or thawed; "
+        "the client talks to the old node until the new holder's gratuitous ARP, so it sees no outage). "
+        "hasync's does not: after kill -9 the agent's guardian removes it within milliseconds, before the "
+        "new primary (elected on the Last Will) adds it; a frozen agent's address reaches the end of its "
+        "lifetime (1 s from its last renewal that came back) before a lease of silence lets the other node "
+        "claim, so the client sees the gap between the two (the issue's SIGSTOP targets, no two holders and "
+        "an outage no longer than keepalived's, cannot both be met: keepalived's 0 ms is its two holders).",
     ]
     return result

@@ -163,8 +163,8 @@ class AddressMonitor:
         self.lan, self.node, self.ip = lan, node, ip
         self.changes: list[tuple[float, bool]] = []
         self._ready = threading.Event()
-        self._reader = LineReader([*lan.prefix(node), "ip", "-ts", "-o", "monitor", "address"], self._line,
-                                  workdir / f"monitor-{node}.log")
+        self._reader = LineReader([*lan.prefix(node), *netns.realtime(), "ip", "-ts", "-o", "monitor", "address"],
+                                  self._line, workdir / f"monitor-{node}.log")
 
     def _line(self, line: str) -> None:
         parsed = _ip_stamp(line)
@@ -205,8 +205,8 @@ class NeighbourMonitor:
         self.lan, self.node, self.ip = lan, node, ip
         self.changes: list[tuple[float, str | None]] = []
         self._ready = threading.Event()
-        self._reader = LineReader([*lan.prefix(node), "ip", "-ts", "-o", "monitor", "neigh"], self._line,
-                                  workdir / f"monitor-neigh-{node}.log")
+        self._reader = LineReader([*lan.prefix(node), *netns.realtime(), "ip", "-ts", "-o", "monitor", "neigh"],
+                                  self._line, workdir / f"monitor-neigh-{node}.log")
 
     def _line(self, line: str) -> None:
         parsed = _ip_stamp(line)
@@ -346,6 +346,7 @@ class HasyncPair:
         self.quiet = PRODUCTION["lease_duration"] + 1.5  # a (re)connected node observes a lease before it may claim
         self.cluster: Cluster | None = None
         self.deaths: dict[str, float] = {}  # "node#incarnation" -> the time of its kill -9
+        self._observing_until = 0.0  # a restarted agent may not claim before
 
     def start(self) -> None:
         home = self.home
@@ -395,6 +396,8 @@ class HasyncPair:
 
     def holder(self) -> str | None:
         cluster = self._cluster()
+        if time.monotonic() < self._observing_until:
+            return None
         now = time.monotonic()
         acting = [t.node.partition("#")[0] for t in self._tenures() if t.end >= now]
         leader = acting[0] if len(acting) == 1 else None
@@ -431,7 +434,11 @@ class HasyncPair:
         cluster = self._cluster()
         match fault:
             case Fault.KILL:
-                cluster.agents[node].start()
+                # A (re)connected node claims, even on a will, only after observing for a lease: the pair is
+                # steady once that is over (the quiet period counts from here, and a start can take seconds).
+                agent = cluster.agents[node].start()
+                wait_until(lambda: agent.status().get("connected"), FAILOVER_TIMEOUT, f"{node} to connect")
+                self._observing_until = time.monotonic() + PRODUCTION["lease_duration"]
             case Fault.STOP:
                 cluster.agents[node].signal(signal.SIGCONT)
             case Fault.LINK:
@@ -746,7 +753,9 @@ class Home:
                        and answered_by(self.client.attempts, new, t_fault), FAILOVER_TIMEOUT,
                        f"{new} to answer the client for the floating IP ({system.name}, {fault})", step=0.01)
         added = self.monitors[new].added_after(t_fault)
-        over = answered_by(self.client.attempts, new, added if added is not None else t_fault)
+        # (From its add only when the same node may hold it again: a monitor's stamp can come after the first
+        # answer that address gave.)
+        over = answered_by(self.client.attempts, new, added if added is not None and new == old else t_fault)
         assert over is not None
         # The fault stands a while after the failover (the observation window, not a wait for an event): a
         # node that cannot let go (killed, frozen, cut off) shows as two holders for at least this long.

@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from .homeassistant.websocket import OpenWebSocket
     from .sync.backend import Backend
     from .sync.replica import Replica
-    from .vip import Announcer, FloatingIps, Netlink
+    from .vip import Announcer, FloatingIps, Guardian, Netlink
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class Part(enum.StrEnum):
     EFFECTS = "effects"
     SYNC = "sync"
     VIP = "vip"
+    GUARDIAN = "guardian"
     FEDERATION = "federation"
 
 
@@ -117,6 +118,8 @@ class HookOutcome(enum.StrEnum):
 
 class Agent:
     exporter: Exporter | None = None  # a federation hub's: created with the Home Assistant link
+    vip: FloatingIps | None = None  # the floating IPs, when configured
+    guardian: Guardian | None = None
 
     def __init__(
         self,
@@ -132,8 +135,8 @@ class Agent:
     ) -> None:
         """``connect``: the broker seam (default: ``hasync.mqtt`` to ``config.broker``); ``open_websocket``:
         Home Assistant's (``hasync.homeassistant.websocket.OpenWebSocket``; default: aiohttp); ``netlink`` and
-        ``announcer``: the floating IPs' (``hasync.vip``; default: pyroute2 and a raw socket); ``probe``: runs a
-        health check (``hasync.health.Probe``; default: the real probes)."""
+        ``announcer``: the floating IPs' (``hasync.vip``; default: pyroute2 and a raw socket, and then the
+        guardian too); ``probe``: runs a health check (``hasync.health.Probe``; default: the real probes)."""
         self.config = config
         self.node_id = config.node_id
         self.clock = clock
@@ -167,7 +170,7 @@ class Agent:
         self.effects = RoleEffects(config, self.topics, self.publisher, self.metrics,
                                    leader=lambda: self.election.leader, clock=clock, wall=wall, seal=self.seal,
                                    agent_version=__version__)
-        self.vip = self._floating_ips(netlink, announcer) if config.vip else None
+        self._floating_ips(netlink, announcer)
         self.effects.vip = self.vip
         self.http_port: int | None = None
         self.replica: Replica | None = None  # when sync is on (the sync package is imported only then)
@@ -192,12 +195,19 @@ class Agent:
         self._entered = False
         self._promote_failed = False  # stepped down after a failed promote hook: Resume after one that works
 
-    def _floating_ips(self, netlink: Netlink | None, announcer: Announcer | None) -> FloatingIps:
+    def _floating_ips(self, netlink: Netlink | None, announcer: Announcer | None) -> None:
+        """The floating IPs, if configured; and with the real netlink, the guardian, which removes them when this
+        process dies."""
+        if not self.config.vip:
+            return
         from . import vip  # (pyroute2 only once it is used)
 
-        return vip.FloatingIps(self.config.vip, self.metrics, netlink=netlink or vip.PyRoute2Netlink(),
-                               announcer=announcer or vip.RawAnnouncer(), clock=self.clock,
-                               on_fault=self._update_health)
+        self.vip = vip.FloatingIps(self.config.vip, self.metrics, netlink=netlink or vip.PyRoute2Netlink(self.clock),
+                                   announcer=announcer or vip.RawAnnouncer(), clock=self.clock,
+                                   takeover_gap=self.config.takeover_after - self.config.election.renew_deadline,
+                                   on_fault=self._update_health)
+        if netlink is None:
+            self.guardian = vip.Guardian(self.config.vip, self.metrics)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -236,6 +246,8 @@ class Agent:
             loops.append((Part.SYNC, self.replica.run))
         if self.vip is not None:
             loops.append((Part.VIP, self.vip.run))
+        if self.guardian is not None:
+            loops.append((Part.GUARDIAN, self.guardian.run))
         if self.exporter is not None:
             loops.append((Part.FEDERATION, self.exporter.run))
         for part, loop in loops:
@@ -285,7 +297,10 @@ class Agent:
         self.effects.starting()
         if self.vip is not None:
             # Off every interface before this node can be elected (a previous run may have been killed as
-            # primary), and off again on the way out, whatever ends the agent (after the tasks stopped).
+            # primary), and off again on the way out, whatever ends the agent (after the tasks stopped); the
+            # guardian (its own task) is let go after that (last in, first out).
+            if self.guardian is not None:
+                stack.push_async_callback(self.guardian.close)
             stack.push_async_callback(self.vip.release)
             await self.vip.check()
         if cfg.maintenance:
@@ -512,6 +527,8 @@ class Agent:
         self._execute(self._handle(event))
         e = self.election
         now = self.clock()
+        if self.vip is not None and e.deadline is not None:
+            self.vip.extend(e.deadline)  # (a promotion or a renewal that came back: new lifetimes)
         if self.replica is not None:
             self.replica.set_leader_term(e.term)
         summary = (e.role, e.leader, e.term, e.eligible(now), e.healthy, e.maintenance, e.preempting(now))
@@ -794,7 +811,8 @@ class Agent:
             },
             "sync": None if self.replica is None else self.replica.status(),
             "federation": None if self.exporter is None else self.exporter.status(),
-            "vip": None if self.vip is None else self.vip.status(),
+            "vip": None if self.vip is None else {
+                **self.vip.status(), "guardian": None if self.guardian is None else self.guardian.status()},
             "kept": self.effects.kept.status(),  # resources kept through a broker outage, if any
             "incarnation": self.incarnation,
             # Signed control messages required of every node: otherwise any client that may write the

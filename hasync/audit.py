@@ -7,7 +7,7 @@ so logs of several agents can be compared directly (the demo, the tests and the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,10 @@ class Tenure:
 
 
 def tenures(
-    events: Iterable[dict[str, Any]], end: float, deaths: Mapping[str, float] | None = None
+    events: Iterable[dict[str, Any]], end: float, deaths: Mapping[str, float | Sequence[float]] | None = None
 ) -> list[Tenure]:
     """Tenures from promote/demote events. One with no demotion lasts until ``end``, or until the
-    node's death (``deaths``: node -> time it was killed) if it was promoted before that."""
+    node's first death after its promotion (``deaths``: node -> the time, or times, it was killed)."""
     out: list[Tenure] = []
     open_: dict[str, dict[str, Any]] = {}
     for e in sorted(events, key=lambda e: e["t"]):
@@ -51,9 +51,9 @@ def tenures(
             start = open_.pop(key)
             out.append(Tenure(e["node"], start["term"], start["t"], e["acting_until"]))
     for start in open_.values():
-        death = (deaths or {}).get(start["node"])
-        stop = death if death is not None and death >= start["t"] else end
-        out.append(Tenure(start["node"], start["term"], start["t"], stop))
+        died = (deaths or {}).get(start["node"], ())
+        after = [t for t in ((died,) if isinstance(died, float | int) else died) if t >= start["t"]]
+        out.append(Tenure(start["node"], start["term"], start["t"], min(after, default=end)))
     return sorted(out, key=lambda t: t.start)
 
 

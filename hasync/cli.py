@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import importlib.util
 import json
@@ -290,6 +291,31 @@ def decommission(
     except (MqttFailure, ValueError) as exc:
         _fail(f"cannot reach {cfg.broker.redacted_url()}: {exc}")
     click.echo(f"removed {node}: cleared {count} retained topics")
+
+
+@main.command("vip-release")
+@click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+              help=f"YAML config file [default: {DEFAULT_CONFIG_PATH} if it exists].")
+def vip_release(config: Path | None) -> None:
+    """Remove this node's floating IPs (vip:) from its interfaces, once its agent has stopped.
+
+    For the service manager, after the agent's process is gone whatever ended it (the systemd unit's
+    ExecStopPost); never while the agent runs. Exits 1 if an address could not be removed."""
+    cfg = _load(config, {})
+    if not cfg.vip:
+        click.echo("no floating IP configured (vip:): nothing to remove")
+        return
+    from . import guardian
+
+    what = [guardian.Target(v.interface, v.ip_interface) for v in cfg.vip]
+    try:
+        with guardian.open_netlink() as sock:
+            outcome = guardian.remove(sock, what)
+    except OSError as exc:
+        _fail(f"netlink: {exc.strerror or exc}")
+    click.echo(guardian.report(outcome) or "none of the floating IPs was on its interface")
+    if any(code not in (0, errno.EADDRNOTAVAIL) for code in outcome.values()):
+        sys.exit(1)
 
 
 @main.command()

@@ -36,6 +36,12 @@ from .topics import ENTITY_ID, validate_prefix, validate_segment
 # Where the agent and the command line look for their configuration when none is given.
 DEFAULT_CONFIG_PATH = Path("/etc/hasync/hasync.yaml")
 
+# How late the kernel may remove an address whose lifetime ran out (hasync.vip, "Lifetimes"): up to 0.25 s
+# (its check is rounded up to a whole second when that is near), up to 1 s when another address of the
+# network namespace changed in the second before (measured: 0.93 s), plus the timer's granularity and the
+# scheduling of its worker.
+ADDRESS_LIFETIME_LAG = 1.25  # s
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message lists ``key: problem`` lines."""
@@ -412,6 +418,14 @@ class ElectionConfig(_Model):
         return Timing(**self.model_dump(exclude={"profile"}))
 
 
+def earliest_takeover(election: ElectionConfig, broker: BrokerConfig) -> float:
+    """Seconds from the sending of a primary's newest renewal until another node can at the earliest be elected
+    without its release, should it freeze or vanish: a lease of silence, or (with the will fast path) its
+    Last Will, which the broker publishes 1.5 keepalives after the primary's last packet."""
+    will = 1.5 * broker.keepalive if election.will_fast_path else math.inf
+    return min(election.lease_duration, will)
+
+
 def _web_url(value: str, schemes: tuple[str, ...], what: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in schemes or not parts.hostname:
@@ -588,6 +602,10 @@ class VipAddress(_Model):
     def prefixlen(self) -> int:
         return ipaddress.ip_interface(self.address).network.prefixlen
 
+    @property
+    def ip_interface(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+        return ipaddress.ip_interface(self.address)
+
 
 class FederationRules(_Model):
     domains: list[str] = Field(default_factory=list)
@@ -678,6 +696,12 @@ class AgentConfig(_Model):
     vip: list[VipAddress] = Field(default_factory=list)
 
     @property
+    def takeover_after(self) -> float:
+        """Seconds from the sending of the primary's newest renewal until another node can at the earliest
+        hold its resources without its release (``earliest_takeover``)."""
+        return earliest_takeover(self.election, self.broker)
+
+    @property
     def keeps_resources(self) -> bool:
         """Whether any resource is kept through a broker outage (``on_broker_loss: kept``)."""
         return self.hooks.on_broker_loss is BrokerLoss.KEPT or any(
@@ -722,6 +746,26 @@ class AgentConfig(_Model):
                 or "keepalive" in broker:
             return data
         return {**data, "broker": {**broker, "keepalive": PROFILE_KEEPALIVE[profile]}}
+
+    @field_validator("vip")
+    @classmethod
+    def _fenced_lifetime(cls, value: list[VipAddress], info: ValidationInfo) -> list[VipAddress]:
+        # A fenced address lives a whole number of seconds from each renewal that came back, and the kernel may
+        # remove it up to ADDRESS_LIFETIME_LAG late (hasync.vip, "Lifetimes"): a second must fit before anyone
+        # else can be elected, even after a renewal that took a whole renew interval to come back.
+        election, broker = info.data.get("election"), info.data.get("broker")
+        if election is None or broker is None or all(v.on_broker_loss is BrokerLoss.KEPT for v in value):
+            return value
+        need = 1 + election.renew_interval + ADDRESS_LIFETIME_LAG
+        if earliest_takeover(election, broker) < need:
+            will = (f" and 1.5 x broker.keepalive ({1.5 * broker.keepalive:g} s)"
+                    if election.will_fast_path else "")
+            raise ValueError(
+                f"a fenced floating IP needs election.lease_duration ({election.lease_duration:g} s){will} of at "
+                f"least {need:g} s (1 s + renew_interval + {ADDRESS_LIFETIME_LAG:g} s): the kernel drops the address "
+                "of a frozen agent after a lifetime of whole seconds, and must have before another node can be "
+                "elected; lengthen them, or make the address on_broker_loss: kept")
+        return value
 
     @model_validator(mode="after")
     def _will_after_deadline(self) -> AgentConfig:

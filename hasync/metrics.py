@@ -16,7 +16,7 @@ from .messages import NodeRole
 
 
 class Metrics:
-    def __init__(self, renew_deadline: float = 2.0) -> None:
+    def __init__(self, renew_deadline: float = 2.0) -> None:  # noqa: PLR0915 (a flat list of declarations)
         """``renew_deadline``: the renewal margin's buckets are fractions of it."""
         r = self.registry = CollectorRegistry()
         self.role = Gauge("hasync_role", "1 for the node's current role", ["role"], registry=r)
@@ -88,6 +88,11 @@ class Metrics:
         self.vip_stale_removed = Counter("hasync_vip_stale_removed",
                                          "Floating IPs found on an interface while not primary, and removed",
                                          registry=r)
+        self.vip_refreshes = Counter("hasync_vip_refreshes", "New lifetimes given to fenced floating IPs", registry=r)
+        self.vip_lapses = Counter("hasync_vip_lapses", "Fenced floating IPs whose lifetime ended while this node was "
+                                  "primary (no renewal came back in time), added again", registry=r)
+        self.vip_guardian = Gauge("hasync_vip_guardian", "1 while the guardian runs (it removes the floating IPs "
+                                  "when the agent dies)", registry=r)
 
         self.sync_synced = Gauge("hasync_sync_synced", "1 once this connection's retained entity records are in",
                                  registry=r)

@@ -32,8 +32,38 @@ configured addresses are on their interfaces; at every other moment they are not
   just learn it by asking. An address already on the interface (put there by someone else) is counted
   (``error="exists"``) and held from then on.
 
-What is not covered: a process frozen (SIGSTOP) or killed while primary keeps its addresses until it
-resumes (and demotes at once, its deadline long past) or its next start; another host that answers for
+**Lifetimes.** A process that is frozen (SIGSTOP, a stalled disk) or dead runs nothing of its own, while the
+others elect a successor a lease after its last renewal. So a fenced address is never permanent: it is
+added, and given a new lifetime (``RTM_NEWADDR`` with replace) every time the election extends this node's
+acting deadline (``extend``: the promotion and every renewal that came back), for as long as the kernel
+may keep it. A renewal sent at ``s`` lets another node hold the addresses from ``s + takeover_after`` at
+the earliest (``AgentConfig.takeover_after``: a lease of silence, or the Last Will 1.5 keepalives after
+this node's last packet); the kernel takes lifetimes in whole seconds and removes an expired address up to
+``ADDRESS_LIFETIME_LAG`` late (its check runs on a whole second when that is within 0.25 s of the expiry,
+and no sooner than a second after its previous run, which any change of an address in the namespace
+triggers: measured 0.25 s and 0.93 s). A request the kernel handles at ``t`` therefore gets
+``floor(s + takeover_after - ADDRESS_LIFETIME_LAG - t)`` seconds (``Lifetime``), computed by the seam right
+before it sends the request; when that is not even one second (the renewal came back too late), there is
+no refresh (counted, ``error="late"``). With the defaults (lease 3 s, renew deadline 2 s, keepalive 5 s) a
+renewal back at once gives one second, and the next one comes half a second later; when none does (a broker
+cut or stalled), a top-up gives the longest lifetime the last one allows (``_next_topup``: 1.7 s after it
+was sent), so the address stays nearly until the renew deadline (2 s) removes it. It lapses while this node
+may still be primary only when no renewal has come back for those 1.7 s (a second, if the agent itself was
+starved); a refresh that comes after that adds it again and is counted (``hasync_vip_lapses_total``). A
+refresh never shortens a lifetime; one that fails otherwise than late is a fault, like an add. The
+configuration refuses timings without room for one second
+(``AgentConfig._fenced_lifetime``). A kept address stays permanent: it must outlive a broker outage, when
+there are no renewals, for as long as the agent is alive; a frozen agent keeps it (as a cut-off one does,
+the trade-off of ``kept``).
+
+**The guardian.** A dead process is faster than a lifetime: its connection closes, the broker publishes its
+will and a successor is elected within milliseconds. ``Guardian`` runs ``hasync.guardian`` beside the
+agent, which removes every configured address the moment the agent's process ends, however it ends (and
+nothing while it lives). Both tell ``/healthz`` (``vip.guardian``) and ``hasync_vip_guardian`` whether it
+runs; one that dies is started again.
+
+What is not covered: a frozen whole host (a paused virtual machine: the kernel's clock stops too); kill -9
+of the agent and its guardian together is bounded by the lifetime only; another host that answers for
 the same address is not detected.
 
 **Broker loss.** An address is fenced by default: a broker loss is a demotion like any other. One with
@@ -43,31 +73,36 @@ them all again.
 
 The kernel is reached through two seams: ``Netlink`` (``PyRoute2Netlink``; pyroute2 is imported only
 when a floating IP is configured) and ``Announcer`` (``RawAnnouncer``: frames built here, sent on an
-``AF_PACKET`` socket, which needs ``CAP_NET_RAW``).
+``AF_PACKET`` socket, which needs ``CAP_NET_RAW``); the guardian is started only with the real ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import ipaddress
 import logging
+import math
+import os
 import socket
 import struct
+import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .aio import wait_or
-from .config import BrokerLoss, VipAddress
+from . import guardian
+from .aio import Backoff, wait_or
+from .config import ADDRESS_LIFETIME_LAG, BrokerLoss, VipAddress
 from .metrics import Metrics
 
 if TYPE_CHECKING:
     from pyroute2 import AsyncIPRoute
 
 logger = logging.getLogger(__name__)
-# pyroute2 logs every netlink message at DEBUG: at the agent's DEBUG level that drowns its own log.
-logging.getLogger("pyroute2").setLevel(logging.WARNING)
 R = TypeVar("R")
 
 ANNOUNCE_COUNT = 3
@@ -76,6 +111,10 @@ NETLINK_TIMEOUT = 2.0  # s one netlink request may take (the kernel answers in a
 RECHECK_INTERVAL = 10.0  # s between checks while a fault stands
 REMOVE_RETRY = 1.0  # s between attempts to remove an address that would not go
 IFA_F_NODAD = 0x02  # linux/if_addr.h
+TOPUP_EARLY = 0.05  # s: a top-up aims its lifetime's end this much before the latest safe one (loop lateness)
+TOPUP_GAIN = 0.1  # s a top-up must add to the lifetime's end to be worth a netlink call
+GUARDIAN_START_TIMEOUT = 10.0  # s for the guardian to start and say whether it may remove addresses
+GUARDIAN_STOP_TIMEOUT = 2.0  # s it has to exit once the agent lets it go
 
 
 class VipErrorKind(enum.StrEnum):
@@ -85,11 +124,13 @@ class VipErrorKind(enum.StrEnum):
     PERMISSION = "permission"
     EXISTS = "exists"
     TIMEOUT = "timeout"
+    LATE = "late"  # no lifetime of a whole second would end before another node may hold the address
     OTHER = "other"
 
 
 class Operation(enum.StrEnum):
     ADD = "add"
+    REFRESH = "refresh"
     REMOVE = "remove"
     CHECK = "check"
     ANNOUNCE = "announce"
@@ -122,9 +163,31 @@ _HINTS = {
 # ---- the seams ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Lifetime:
+    """A fenced address's lifetime: the kernel must have removed it by ``gone_by`` (the agent's monotonic clock)
+    unless it is refreshed meanwhile."""
+
+    gone_by: float
+
+    def seconds(self, now: float) -> int:
+        """``valid_lft`` (and ``preferred_lft``: never deprecated) for a request the kernel handles at ``now``:
+        whole seconds, ended by ``gone_by`` even if the kernel is ``ADDRESS_LIFETIME_LAG`` late; ``VipError``
+        (``LATE``) if not even one second is."""
+        seconds = math.floor(self.gone_by - ADDRESS_LIFETIME_LAG - now)
+        if seconds < 1:
+            raise VipError(VipErrorKind.LATE, f"no lifetime of a whole second ends {ADDRESS_LIFETIME_LAG:g} s before "
+                                              f"another node may hold the address (in {self.gone_by - now:.2f} s)")
+        return seconds
+
+
 class Netlink(Protocol):
-    async def add(self, vip: VipAddress) -> None:
-        """Put the address on its interface; ``VipError`` (``EXISTS`` if it is there already)."""
+    async def add(self, vip: VipAddress, lifetime: Lifetime | None = None) -> int | None:
+        """Put the address on its interface, for ``lifetime`` (None: permanent); the seconds given, if any.
+        ``VipError`` (``EXISTS`` if it is there already, ``LATE`` from ``lifetime``)."""
+
+    async def refresh(self, vip: VipAddress, lifetime: Lifetime) -> int:
+        """Start the address's lifetime again, adding it again if it has lapsed; the seconds given. ``VipError``."""
 
     async def remove(self, vip: VipAddress) -> bool:
         """Take it off; False if it was not there. ``VipError`` otherwise."""
@@ -135,43 +198,71 @@ class Announcer(Protocol):
         """Send one gratuitous ARP (IPv4) or unsolicited neighbour advertisement (IPv6); ``VipError``."""
 
 
+_DOING = {"add": "adding", "replace": "refreshing", "del": "removing"}
+
+
 class PyRoute2Netlink:
     """``Netlink`` over pyroute2's ``AsyncIPRoute`` (its synchronous ``IPRoute`` runs an event loop of its own,
     which cannot run inside the agent's). One socket per request, subscribed to nothing: a long-lived
-    rtnetlink socket would queue every address and link change on the host."""
+    rtnetlink socket would queue every address and link change on the host. ``clock``: the agent's, for
+    lifetimes."""
 
-    async def add(self, vip: VipAddress) -> None:
-        extra: dict[str, Any] = {"flags": IFA_F_NODAD} if vip.ip.version == 6 else {}
-        if vip.label is not None:
-            extra["label"] = vip.label
-        await self._call(vip, "add", **extra)
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # Imported here, at the agent's start, not by the first request: on a busy small host the import alone
+        # can take longer than NETLINK_TIMEOUT. It sets its logger's level; pyroute2 logs every netlink message
+        # at DEBUG, which at the agent's DEBUG level would drown its own log.
+        import pyroute2  # noqa: F401
+
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+    async def add(self, vip: VipAddress, lifetime: Lifetime | None = None) -> int | None:
+        return await self._call(vip, "add", lifetime)
+
+    async def refresh(self, vip: VipAddress, lifetime: Lifetime) -> int:
+        seconds = await self._call(vip, "replace", lifetime)
+        assert seconds is not None
+        return seconds
 
     async def remove(self, vip: VipAddress) -> bool:
         try:
-            await self._call(vip, "del")
+            await self._call(vip, "del", None)
         except VipError as exc:
             if getattr(exc.__cause__, "code", None) == errno.EADDRNOTAVAIL:
                 return False
             raise
         return True
 
-    async def _call(self, vip: VipAddress, command: str, **extra: Any) -> None:
+    async def _call(self, vip: VipAddress, command: str, lifetime: Lifetime | None) -> int | None:
         from pyroute2 import AsyncIPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
+        extra: dict[str, Any] = {}
+        if command != "del":
+            if vip.ip.version == 6:
+                extra["flags"] = IFA_F_NODAD
+            if vip.label is not None:
+                extra["label"] = vip.label
+        seconds = None
         try:
             ipr: AsyncIPRoute
             async with AsyncIPRoute(groups=0) as ipr:
                 found = await ipr.link_lookup(ifname=vip.interface)
                 if not found:
                     raise VipError(VipErrorKind.NO_INTERFACE, f"no interface {vip.interface}")
+                if lifetime is not None:
+                    # Now, not before the lookup: the kernel starts the lifetime when it takes the request, which
+                    # pyroute2 sends before its first await.
+                    seconds = lifetime.seconds(self._clock())
+                    extra.update(valid_lft=seconds, preferred_lft=seconds)
                 await ipr.addr(command, index=found[0], address=str(vip.ip), prefixlen=vip.prefixlen, **extra)
         except NetlinkError as exc:
             kind = _kind(exc.code)
-            raise VipError(kind, f"{'adding' if command == 'add' else 'removing'} {vip.address} on {vip.interface}: "
+            raise VipError(kind, f"{_DOING[command]} {vip.address} on {vip.interface}: "
                                  f"{exc.args[1] if len(exc.args) > 1 else exc}{_HINTS.get(kind, '')}") from exc
         except OSError as exc:
             raise VipError(_kind(exc.errno), f"netlink: {exc.strerror or exc}") from exc
+        return seconds
 
 
 # ---- announcements: the frames (pure) and the raw socket -------------------------------------------------
@@ -249,9 +340,18 @@ class FloatingIps:
     ``demoted`` are called by the role effects, from the event loop."""
 
     def __init__(self, addresses: Sequence[VipAddress], metrics: Metrics, *, netlink: Netlink,
-                 announcer: Announcer, clock: Callable[[], float],
+                 announcer: Announcer, clock: Callable[[], float], takeover_gap: float,
                  on_fault: Callable[[], None] = lambda: None) -> None:
+        """``takeover_gap``: how long after this node's acting deadline another node may hold the addresses at
+        the earliest (``AgentConfig.takeover_after - renew_deadline``)."""
         self.addresses = list(addresses)
+        self._takeover_gap = takeover_gap
+        self._deadline: float | None = None
+        self._gone_by: float | None = None  # when the fenced addresses must be gone unless refreshed (extend)
+        self._expires: dict[str, float] = {}  # when each fenced address's lifetime ends, as last given
+        self._refresh_due = False
+        self._topup_at = math.inf  # when a refresh would end the fenced addresses' lifetimes later (none came back)
+        self._lapses = 0
         self._netlink = netlink
         self._announcer = announcer
         self._metrics = metrics
@@ -288,6 +388,16 @@ class FloatingIps:
         self._announce_left = 0
         self._wake.set()
 
+    def extend(self, deadline: float) -> None:
+        """This node's acting deadline while primary. When the election extends it (the promotion, a renewal
+        that came back), the fenced addresses get a lifetime that ends before another node may hold them."""
+        if self._deadline == deadline:
+            return
+        self._deadline = deadline
+        self._gone_by = deadline + self._takeover_gap
+        self._refresh_due = True
+        self._wake.set()
+
     @property
     def fault(self) -> str | None:
         """Why this node may not hold the addresses now (it is then not eligible), or None."""
@@ -304,6 +414,7 @@ class FloatingIps:
             "fault": self._fault,
             "announcements": self._announced,
             "stale_removed": self._stale_removed,
+            "lapses": self._lapses,
         }
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -342,7 +453,8 @@ class FloatingIps:
             now = self._clock()
             due = [self._next_check if not self._want and not self._held else float("inf"),
                    self._next_announce if self._want and self._announce_left else float("inf"),
-                   self._next_retry if self._unwanted() else float("inf")]
+                   self._next_retry if self._unwanted() else float("inf"),
+                   self._topup_at if self._want else float("inf")]
             await wait_or(self._wake, max(0.001, min(due) - now))  # (at least a millisecond: float rounding)
 
     async def _reconcile(self) -> None:
@@ -353,34 +465,99 @@ class FloatingIps:
             elif not self._held and self._fault is not None and self._clock() >= self._next_check:
                 await self.check()
             return
-        if self._added_for != self._tenure:
+        if self._clock() >= self._topup_at:
+            self._topup_at, self._refresh_due = math.inf, True
+        if self._added_for != self._tenure or self._refresh_due:
             async with self._lock:
-                await self._add_all()
+                await self._hold_all()
+                self._topup_at = self._next_topup()
         if self._want and self._announce_left and self._clock() >= self._next_announce:
             self._announce()
 
     # ---- the work -----------------------------------------------------------------------------------
 
-    async def _add_all(self) -> None:
-        self._added_for = self._tenure
+    def _lifetime(self, vip: VipAddress) -> Lifetime | None:
+        """None for a kept address (permanent), else the current one (already over before any ``extend``)."""
+        if vip.on_broker_loss is BrokerLoss.KEPT:
+            return None
+        return Lifetime(self._gone_by if self._gone_by is not None else -math.inf)
+
+    async def _hold_all(self) -> None:
+        """Add what is not held yet (announcing them all again if anything was added), refresh the lifetimes of
+        the fenced addresses that are."""
+        self._added_for, self._refresh_due = self._tenure, False
+        added = False
         for vip in self.addresses:
             if not self._want:
                 return
+            lifetime = self._lifetime(vip)
+            if vip.address in self._held:
+                if lifetime is not None and not await self._refresh(vip, lifetime):
+                    return
+                continue
+            started = self._clock()
             try:
-                await _bounded(self._netlink.add(vip))
+                seconds = await _bounded(self._netlink.add(vip, lifetime))
             except VipError as exc:
-                if exc.kind is VipErrorKind.EXISTS and vip.address in self._held:
-                    continue  # kept through a broker outage (or not removed yet): ours already
+                if exc.kind is VipErrorKind.LATE:
+                    self._failed(Operation.ADD, exc)  # not a fault: the next renewal that comes back adds it
+                    continue
                 self._failed(Operation.ADD, exc)
                 if exc.kind in (VipErrorKind.TIMEOUT, VipErrorKind.OTHER):
                     self._held[vip.address] = vip  # it may have been added after all: remove it to be sure
                 if exc.kind is not VipErrorKind.EXISTS:
                     self._set_fault(str(exc))  # the node hands over: demoted() then removes what was added
                     return
+                seconds = None
             self._held[vip.address] = vip
+            if seconds is not None:
+                self._expires[vip.address] = started + seconds
+            added = True
             self._metrics.vip_held.labels(vip.address).set(1)
-            logger.info("floating IP: %s added on %s", vip.address, vip.interface)
-        self._announce_left, self._next_announce = ANNOUNCE_COUNT, self._clock()
+            logger.info("floating IP: %s added on %s%s", vip.address, vip.interface,
+                        f" for {seconds} s, renewed with the lease" if seconds is not None else "")
+        if added:
+            self._announce_left, self._next_announce = ANNOUNCE_COUNT, self._clock()
+
+    def _next_topup(self) -> float:
+        """When a refresh would end the fenced addresses' lifetimes later than those last given, if it would.
+
+        A lifetime given at ``t`` ends at ``t + floor(gone_by - ADDRESS_LIFETIME_LAG - t)``: up to a second before
+        the latest safe end. A refresh the moment a renewal comes back gets a second with the defaults, while the
+        next renewal is due half a second later; when none comes (a broker cut, a slow broker), the same
+        ``gone_by`` allows a lifetime that ends later, given at the last moment it still gets as many whole
+        seconds. (A frozen agent gives none: its address goes a lifetime after its last refresh.)"""
+        given = [self._expires[address] for address in self._held if address in self._expires]
+        if self._gone_by is None or not given:
+            return math.inf
+        best = self._gone_by - ADDRESS_LIFETIME_LAG - TOPUP_EARLY
+        whole = math.floor(best - self._clock())
+        return best - whole if best > min(given) + TOPUP_GAIN and whole >= 1 else math.inf
+
+    async def _refresh(self, vip: VipAddress, lifetime: Lifetime) -> bool:
+        """A new lifetime for a fenced address held, unless it would end no later than the one it has; False if
+        that failed in a way that makes the node unfit."""
+        started = self._clock()
+        with contextlib.suppress(VipError):  # (too late: the seam says so below)
+            if started + lifetime.seconds(started) <= self._expires.get(vip.address, -math.inf):
+                return True
+        if started >= self._expires.get(vip.address, math.inf):
+            self._lapses += 1
+            self._metrics.vip_lapses.inc()
+            logger.log(logging.WARNING if self._lapses == 1 else logging.DEBUG,
+                       "floating IP: the lifetime of %s ended %.2f s ago while this node was primary (no renewal came "
+                       "back in time); adding it again", vip.address, started - self._expires[vip.address])
+        try:
+            seconds = await _bounded(self._netlink.refresh(vip, lifetime))
+        except VipError as exc:
+            self._failed(Operation.REFRESH, exc)
+            if exc.kind is VipErrorKind.LATE:
+                return True  # it lapses; the next renewal that comes back in time adds it again
+            self._set_fault(str(exc))  # like a failed add: the node hands over
+            return False
+        self._expires[vip.address] = started + seconds
+        self._metrics.vip_refreshes.inc()
+        return True
 
     def _wanted(self, vip: VipAddress) -> bool:
         return self._want or (self._keep and vip.on_broker_loss is BrokerLoss.KEPT)
@@ -400,6 +577,7 @@ class FloatingIps:
                     continue
                 removed = False
             del self._held[key]
+            self._expires.pop(key, None)
             self._metrics.vip_held.labels(vip.address).set(0)
             logger.info("floating IP: %s %s from %s", vip.address, "removed" if removed else "already gone",
                         vip.interface)
@@ -437,3 +615,101 @@ class FloatingIps:
             logger.warning("floating IP: the interfaces can be managed again; this node is eligible")
         self._on_fault()
 
+
+
+class Guardian:
+    """The agent's side of ``hasync.guardian``: starts it with one end of a pipe and keeps the other, never
+    written to, for as long as this process lives; starts it again should it exit; lets it go on the way out,
+    once the addresses are off (``close``)."""
+
+    def __init__(self, addresses: Sequence[VipAddress], metrics: Metrics) -> None:
+        self._argv = [sys.executable, "-m", "hasync.guardian",
+                      *[arg for vip in addresses for arg in (vip.interface, vip.address)]]
+        self._metrics = metrics
+        self._process: asyncio.subprocess.Process | None = None
+        self._pipe: int | None = None  # our end: the kernel closes it when this process ends, however it ends
+        self._denied = False  # it may not remove addresses (no CAP_NET_ADMIN): starting it again is pointless
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": self.pid, "starts": self.starts}
+
+    async def start(self) -> bool:
+        """Start it and wait until it is ready to act; False (logged) if it cannot."""
+        read, write = os.pipe()  # (not inherited by anything else this process starts: O_CLOEXEC)
+        try:
+            process = await asyncio.create_subprocess_exec(*self._argv, stdin=read, stdout=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            os.close(write)
+            logger.warning("floating IP: cannot start the guardian: %s", exc)
+            return False
+        finally:
+            os.close(read)
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(GUARDIAN_START_TIMEOUT):
+                answer = (await process.stdout.readline()).decode(errors="replace").strip()
+        except TimeoutError:
+            answer = ""
+        except asyncio.CancelledError:  # the agent is leaving before it was ready
+            os.close(write)
+            process.kill()
+            raise
+        if answer.partition(" ")[0] != guardian.READY:
+            os.close(write)
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            self._denied = answer == guardian.DENIED
+            logger.warning("floating IP: the guardian %s; after a kill -9 the addresses go with their lifetime only",
+                           "may not change addresses (it needs CAP_NET_ADMIN, ambient for a service)"
+                           if self._denied else "did not start")
+            return False
+        self._process, self._pipe = process, write
+        self.starts += 1
+        self._metrics.vip_guardian.set(1)
+        logger.debug("floating IP: guardian started (pid %d, %s)", process.pid, answer.partition(" ")[2].strip("()"))
+        return True
+
+    async def run(self) -> None:
+        """The agent's ``guardian`` task: start it (the agent does not wait: a node observes for a lease before
+        it can be elected), and again whenever it exits (killed, it is harmless, but it must be back)."""
+        backoff = Backoff(1.0, 60.0)
+        while True:
+            if await self.start():
+                backoff.reset()
+                assert self._process is not None
+                code = await self._process.wait()
+                self._lost(f"the guardian exited ({code}); starting it again")
+            if self._denied:
+                return
+            await asyncio.sleep(backoff.next_delay())
+
+    def _lost(self, why: str) -> None:
+        self._process = None
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        self._metrics.vip_guardian.set(0)
+        logger.warning("floating IP: %s", why)
+
+    async def close(self) -> None:
+        """The agent is leaving and its addresses are off: the guardian finds nothing to remove and exits."""
+        process = self._process
+        self._process = None
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        self._metrics.vip_guardian.set(0)
+        if process is None:
+            return
+        try:
+            async with asyncio.timeout(GUARDIAN_STOP_TIMEOUT):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()

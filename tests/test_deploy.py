@@ -37,3 +37,18 @@ def test_the_units_stop_timeout_covers_a_graceful_handover() -> None:
     # What the agent allows itself on SIGTERM: the demote hook and the automations, then its last word.
     handover = HooksConfig().timeout + 11 + FINAL_PUBLISH_TIMEOUT
     assert float(service["TimeoutStopSec"]) > handover
+
+
+def test_once_the_agent_is_gone_the_unit_takes_its_floating_ips_off(tmp_path: Path) -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(UNIT.read_text())
+    # "-": a failure does not fail the unit (the agent has stopped either way; the guardian and the lifetimes
+    # are there too).
+    assert unit["Service"]["ExecStopPost"].split() == [
+        "-/opt/hasync/bin/hasync", "vip-release", "--config", "/etc/hasync/hasync.yaml"]
+    config = tmp_path / "hasync.yaml"
+    config.write_text("node_id: n1\n")
+    hasync = Path(sys.executable).parent / "hasync"
+    result = subprocess.run([str(hasync), "vip-release", "--config", str(config)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout.strip()) == (0, "no floating IP configured (vip:): nothing to remove")

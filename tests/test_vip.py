@@ -5,26 +5,41 @@ tests/test_vip_netns.py."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 from harness import inprocess, vclock
 from harness.fakenetlink import FakeHost
 from harness.inprocess import metric
 from harness.wait import eventually
-from hasync.config import ConfigError, HookEvent, load_config
+from hasync import guardian
+from hasync.agent import Agent
+from hasync.config import ADDRESS_LIFETIME_LAG, ConfigError, HookEvent, VipAddress, load_config
 from hasync.messages import Command
+from hasync.metrics import Metrics
 from hasync.topics import Topics
 from hasync.vip import (
     ANNOUNCE_COUNT,
     ANNOUNCE_INTERVAL,
     NETLINK_TIMEOUT,
     RECHECK_INTERVAL,
+    FloatingIps,
+    Lifetime,
+    VipError,
+    VipErrorKind,
     garp_frame,
     unsolicited_na_frame,
 )
@@ -81,6 +96,45 @@ def test_a_bad_vip_entry_is_one_line_naming_it(entries: list[dict[str, str]], li
     lines = str(info.value).splitlines()[1:]
     assert len(lines) == 1, lines
     assert lines[0].strip().startswith(line), lines[0]
+
+
+FAST = {"lease_duration": 1.5, "renew_deadline": 1.2, "renew_interval": 0.25, "heartbeat_interval": 0.5}
+
+
+def test_a_fenced_address_refuses_timings_without_room_for_a_lifetime() -> None:
+    fenced = [{"address": VIP, "interface": "eth0"}]
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={("vip",): fenced, ("election",): FAST})
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].strip().startswith(
+        "vip: a fenced floating IP needs election.lease_duration (1.5 s) and 1.5 x broker.keepalive (7.5 s) of at "
+        "least 2.5 s (1 s + renew_interval + 1.25 s)"), lines
+    # The will counts too: a short keepalive elects a successor before the lease would.
+    with pytest.raises(ConfigError, match=r"1\.5 x broker.keepalive \(3 s\)"):
+        load_config(overrides={("vip",): fenced, ("election", "lease_duration"): 6.0, ("broker", "keepalive"): 2,
+                               ("election", "renew_interval"): 1.0})
+    # Kept addresses are permanent: any timings; so are the defaults, with the will or without.
+    load_config(overrides={("vip",): [{**fenced[0], "on_broker_loss": "kept"}], ("election",): FAST})
+    assert load_config(overrides={("vip",): fenced}).takeover_after == 3.0
+    assert load_config(overrides={("broker", "keepalive"): 2}).takeover_after == 3.0
+    assert load_config(overrides={("election", "lease_duration"): 6.0, ("broker", "keepalive"): 2}).takeover_after == 3
+    assert load_config(overrides={("election", "lease_duration"): 6.0, ("broker", "keepalive"): 2,
+                                  ("election", "will_fast_path"): False}).takeover_after == 6.0
+
+
+@given(st.floats(-1e6, 1e6), st.floats(0, 100))
+def test_a_lifetime_is_the_longest_whole_seconds_the_kernel_ends_in_time(now: float, left: float) -> None:
+    lifetime = Lifetime(now + left)
+    if left - ADDRESS_LIFETIME_LAG < 1 + 1e-6:  # (float rounding at the boundary: either answer is safe)
+        with pytest.raises(VipError) as info:
+            seconds = lifetime.seconds(now)
+            assert now + seconds + ADDRESS_LIFETIME_LAG <= lifetime.gone_by
+        assert info.value.kind is VipErrorKind.LATE or left - ADDRESS_LIFETIME_LAG >= 1 - 1e-6
+        return
+    seconds = lifetime.seconds(now)
+    assert seconds >= 1 and isinstance(seconds, int)
+    assert now + seconds + ADDRESS_LIFETIME_LAG <= lifetime.gone_by + 1e-6  # ended by the kernel in time
+    assert now + seconds + 1 + ADDRESS_LIFETIME_LAG > lifetime.gone_by - 1e-6  # and not a second shorter
 
 
 def test_the_config_models_import_no_netlink() -> None:
@@ -185,7 +239,8 @@ def test_at_the_renew_deadline_the_addresses_go_even_while_the_promote_hook_hang
     async def scenario() -> None:
         host = FakeHost()
         async with inprocess.cluster() as c:
-            agent = await c.add("n1", host=host, **vip_settings(VIP))
+            # A lease long enough for lifetimes beyond the renew deadline (4 s): the demotion removes the address.
+            agent = await c.add("n1", host=host, election={"lease_duration": 6.0}, **vip_settings(VIP))
             hooks = agent.effects.hooks = HangingHooks()  # before it is elected: the promote hook never ends
             await c.wait_for_leader()
             await asyncio.sleep(1)
@@ -347,3 +402,205 @@ def test_a_step_down_command_moves_the_addresses_without_overlap() -> None:
             assert first(h1, "remove", t0) <= first(h2, "add", t0)
 
     run(scenario)
+
+
+# ---- lifetimes -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WatchedHost(FakeHost):
+    """A host that checks every lifetime it is given against the election: the kernel, however late
+    (``lag``), must have removed the address by the time another node may hold it, a ``takeover_after``
+    after the sending of this node's newest renewal that came back (its deadline minus the renew deadline)."""
+
+    agent: Agent | None = None
+    bounds: list[tuple[float, float]] = field(default_factory=list)  # (the kernel's removal, the takeover)
+
+    def _start(self, vip: VipAddress, lifetime: Lifetime | None) -> int | None:
+        seconds = super()._start(vip, lifetime)
+        if seconds is not None:
+            assert self.agent is not None and self.agent.election.deadline is not None
+            config = self.agent.config
+            sent = self.agent.election.deadline - config.election.renew_deadline
+            self.bounds.append((self.lifetimes[(vip.interface, vip.address)], sent + config.takeover_after))
+        return seconds
+
+
+@pytest.mark.parametrize(("settings", "seconds"), [
+    ({}, 1),  # the defaults: lease 3 s, a lifetime of floor(3 - 1.25 - echo)
+    ({"election": {"lease_duration": 6.0}}, 4),
+    ({"election": {"lease_duration": 6.0}, "broker": {"keepalive": 2}}, 1),  # the will comes at 3 s
+])
+def test_fenced_addresses_live_from_renewal_to_renewal_kept_ones_for_ever(settings: dict[str, Any],
+                                                                           seconds: int) -> None:
+    """Every renewal that comes back gives each fenced address a new lifetime, chosen from the timings, that
+    the kernel ends before another node may be elected even when it is ADDRESS_LIFETIME_LAG late; a kept
+    address is added without one and never refreshed."""
+
+    async def scenario() -> None:
+        host = WatchedHost(lag=ADDRESS_LIFETIME_LAG)
+        async with inprocess.cluster() as c:
+            agent = await c.add("n1", host=host, vip=[{"address": VIP, "interface": "eth0"},
+                                                      {"address": VIP6, "interface": "eth0", "on_broker_loss": "kept"}],
+                                **settings)
+            host.agent = agent  # (before its promotion: it observes a lease first)
+            await c.wait_for_leader()
+            await eventually(lambda: host.addresses() == {VIP, VIP6}, 1, "both addresses")
+            t0, claims = vclock.clock(), metric(agent, "hasync_claims_total")
+            before = metric(agent, "hasync_renew_echo_seconds_count")
+            await asyncio.sleep(10)
+            after = metric(agent, "hasync_renew_echo_seconds_count")
+            refreshes = [t for t, op, a in host.log if op == "refresh" and t > t0]
+            assert refreshes and all(a == VIP for t, op, a in host.log if op == "refresh")  # never the kept one
+            assert len(refreshes) == after - before  # one per renewal that came back (none is a claim here)
+            assert metric(agent, "hasync_claims_total") == claims
+            assert set(host.seconds) == {seconds}
+            assert host.bounds and all(removal <= takeover + 1e-9 for removal, takeover in host.bounds)
+            assert (host.interfaces["eth0"], [k for k in host.lifetimes]) == ({VIP, VIP6}, [("eth0", VIP)])
+            assert host.times("expire") == [] and agent.status()["vip"]["lapses"] == 0
+            assert metric(agent, "hasync_vip_refreshes_total") == len(host.times("refresh"))
+            assert agent.guardian is None and agent.status()["vip"]["guardian"] is None  # (a fake netlink)
+
+    run(scenario)
+
+
+def test_renewals_that_come_back_late_let_the_address_lapse_and_the_next_one_adds_it_again() -> None:
+    """The broker stalls for 1.85 s: no renewal comes back. 0.7 s after the last one was sent the address gets
+    the longest lifetime that one allows (a top-up: to 1.7 s after it, rather than the 1 s it got when it came
+    back); that ends while the node is still primary (its renew deadline is 2 s after it); the first renewal
+    back after that adds the address again."""
+
+    async def scenario() -> None:
+        host = FakeHost()
+        async with inprocess.cluster() as c:
+            agent = await c.add("n1", host=host, **vip_settings(VIP))
+            await c.wait_for_leader()
+            await asyncio.sleep(1)  # (just after a renewal came back)
+            t0 = vclock.clock()
+            c.fake.pause()
+            await asyncio.sleep(1.85)
+            [topup] = [t for t in host.times("refresh") if t > t0]
+            [expired] = host.times("expire")
+            assert topup == pytest.approx(t0 + 0.7, abs=0.02) and expired == pytest.approx(t0 + 1.7, abs=0.02)
+            assert host.addresses() == set() and agent.is_primary()
+            c.fake.resume()
+            await eventually(lambda: host.addresses() == {VIP}, 1, "the address back")
+            assert c.leader() == "n1" and len(c.promotions()) == 1
+            assert agent.status()["vip"]["lapses"] == 1 and metric(agent, "hasync_vip_lapses_total") == 1
+            assert agent.status()["vip"]["fault"] is None and agent.status()["healthy"]
+
+    run(scenario)
+
+
+def test_without_renewals_a_top_up_then_a_lapse_a_late_one_refreshes_nothing_and_no_fault() -> None:
+    async def scenario() -> None:
+        host, metrics = FakeHost(), Metrics()
+        faults: list[str | None] = []
+        ips = FloatingIps([VipAddress(address=VIP, interface="eth0")], metrics, netlink=host, announcer=host,
+                          clock=vclock.clock, takeover_gap=1.0, on_fault=lambda: faults.append(ips.fault))
+        task = asyncio.create_task(ips.run())
+        t0 = vclock.clock()
+        ips.promoted()
+        ips.extend(t0 + 2.0)  # sent at t0: another node may hold it from t0 + 3
+        await eventually(lambda: host.addresses() == {VIP}, 1, "the address")
+        assert host.seconds == [1] and host.lifetimes[("eth0", VIP)] == t0 + 1  # floor(3 - 1.25)
+        await eventually(lambda: host.times("refresh"), 1, "the top-up")
+        assert host.times("refresh") == [pytest.approx(t0 + 0.7)] and host.seconds == [1, 1]  # until t0 + 1.7
+        await eventually(lambda: host.times("expire"), 2, "the lifetime's end")
+        assert host.times("expire") == [pytest.approx(t0 + 1.7)]
+        await asyncio.sleep(0.1)
+        ips.extend(t0 + 2.1)  # a renewal sent at t0 + 0.1, back only now: 3.1 - 1.25 - 1.8 < 1 s left
+        await eventually(lambda: ips.status()["lapses"] == 1, 1, "the refresh")
+        assert len(host.times("refresh")) == 1 and host.addresses() == set() and host.seconds == [1, 1]
+        assert ips.fault is None and faults == [] and ips.held == [VIP]  # still its to hold and remove
+        assert metrics.vip_errors.labels("refresh", "late")._value.get() == 1
+        ips.extend(t0 + 3.8)  # one in time: sent at t0 + 1.8
+        await eventually(lambda: host.addresses() == {VIP}, 1, "the address again")
+        assert host.seconds == [1, 1, 1]
+        task.cancel()
+
+    run(scenario)
+
+
+def test_a_refresh_never_ends_a_lifetime_sooner() -> None:
+    """A renewal a little newer than the last, back late: its lifetime would be a whole second shorter than the
+    top-up's (lease 6 s: the renew deadline plus 4 s); nothing is sent."""
+
+    async def scenario() -> None:
+        host = FakeHost()
+        ips = FloatingIps([VipAddress(address=VIP, interface="eth0")], Metrics(), netlink=host, announcer=host,
+                          clock=vclock.clock, takeover_gap=4.0)
+        task = asyncio.create_task(ips.run())
+        t0 = vclock.clock()
+        ips.promoted()
+        ips.extend(t0 + 2.0)
+        await eventually(lambda: host.times("refresh"), 1, "the top-up")
+        assert host.seconds == [4, 4] and host.lifetimes[("eth0", VIP)] == pytest.approx(t0 + 4.7)
+        await asyncio.sleep(0.15)
+        ips.extend(t0 + 2.05)  # floor(6.05 - 1.25 - 0.85) = 3: until t0 + 3.85
+        await asyncio.sleep(0.1)
+        assert host.seconds == [4, 4] and len(host.times("refresh")) == 1
+        task.cancel()
+
+    run(scenario)
+
+
+def test_a_refresh_that_fails_is_a_fault_and_the_node_hands_over() -> None:
+    async def scenario() -> None:
+        h1, h2 = FakeHost(), FakeHost()
+        async with inprocess.cluster() as c:
+            n1 = await c.add("n1", priority=100, host=h1, **vip_settings(VIP))
+            await c.add("n2", priority=90, host=h2, **vip_settings(VIP))
+            assert await c.wait_for_leader() == "n1"
+            await eventually(lambda: h1.addresses() == {VIP} and h1.times("refresh"), 2, "a refresh on n1")
+            h1.admin = False  # CAP_NET_ADMIN lost while primary
+            assert await c.wait_for_leader(other_than="n1") == "n2"
+            await eventually(lambda: h2.addresses() == {VIP}, 1, "n2 to hold the address")
+            assert metric(n1, "hasync_vip_errors_total", operation="refresh", error="permission") == 1
+            [fault] = [e for e in c.events if e["event"] == "fault"]
+            assert fault["node"] == "n1" and "Operation not permitted" in fault["reason"]
+            [demotion] = [e for e in c.events if e["event"] == "demote"]
+            assert demotion["cause"] == "unhealthy"
+
+    run(scenario)
+
+
+# ---- the guardian's netlink messages -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["192.168.1.50/24", "fd00::50/64"])
+def test_the_guardian_asks_for_the_removal_ip_would_send(address: str) -> None:
+    iface = ipaddress.ip_interface(address)
+    data = guardian.deladdr(iface, 7, 42)
+    msg = ifaddrmsg(data)
+    msg.decode()
+    assert msg["header"]["type"] == 21 and msg["header"]["flags"] == 0x05  # RTM_DELADDR, request + ack
+    assert (msg["header"]["length"], msg["header"]["sequence_number"]) == (len(data), 42)
+    family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+    assert (msg["family"], msg["prefixlen"], msg["index"]) == (family, iface.network.prefixlen, 7)
+    assert msg.get_attr("IFA_LOCAL") == msg.get_attr("IFA_ADDRESS") == str(iface.ip)
+
+
+def test_the_guardian_reads_acknowledgements_and_ignores_the_rest() -> None:
+    def error(seq: int, code: int) -> bytes:
+        return struct.pack("=IHHII", 36, 2, 0, seq, 0) + struct.pack("=i", -code) + bytes(16)
+
+    data = error(2, 0) + error(3, errno.EADDRNOTAVAIL) + struct.pack("=IHHII", 20, 20, 0, 4, 0) + bytes(4)
+    assert guardian.acknowledgements(data) == {2: 0, 3: errno.EADDRNOTAVAIL}
+    assert guardian.acknowledgements(b"\x01\x00") == {} and guardian.acknowledgements(bytes(16)) == {}
+    eth0 = guardian.targets(["eth0", "10.0.0.5/24", "br@lan", "fd00::5/64"])
+    assert [str(t) for t in eth0] == ["10.0.0.5/24 on eth0", "fd00::5/64 on br@lan"]
+    with pytest.raises(ValueError):
+        guardian.targets(["eth0"])
+    assert guardian.report({eth0[0]: 0, eth0[1]: errno.EADDRNOTAVAIL}) == "removed 10.0.0.5/24 on eth0"
+    assert guardian.report({eth0[0]: errno.EPERM}) == (
+        "could not remove 10.0.0.5/24 on eth0: Operation not permitted")
+    assert guardian.report({eth0[1]: errno.EADDRNOTAVAIL}) == ""
+
+
+def test_the_guardian_is_a_small_program() -> None:
+    """Its whole memory is the interpreter's and the standard library's few modules it imports."""
+    code = ("import sys, hasync.guardian; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'asyncio', 'pydantic', 'yaml')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
