@@ -445,6 +445,16 @@ class HasyncPair:
         assert not terms_with_two_winners(events), terms_with_two_winners(events)
         assert not decreasing_terms(events), decreasing_terms(events)
 
+    def handover(self, old: str, new: str) -> float | None:
+        """Seconds from ``old``'s last demotion to ``new``'s promotion after it (the agents' own events): a
+        graceful handover's time, its demote hook included (the release waits for it)."""
+        events = self._cluster().all_events()
+        promoted = [e["t"] for e in events if e["event"] == "promote" and e["node"] == new]
+        if not promoted:
+            return None
+        demoted = [e["t"] for e in events if e["event"] == "demote" and e["node"] == old and e["t"] <= promoted[-1]]
+        return promoted[-1] - demoted[-1] if demoted else None
+
     def holder(self) -> str | None:
         cluster = self._cluster()
         now = time.monotonic()
@@ -707,6 +717,7 @@ class Sample:
     old: str
     new: str
     failover: float  # fault → the first HTTP answer from the new holder (once it holds the address) arrived
+    lifted: float  # fault → the fault lifted (the new holder answered every probe, then ``hold`` passed)
     outage: dict[str, float]  # the longest run of failed attempts the fault caused (0: none failed), per probe
     restore_outage: dict[str, float]  # the same, once the fault was lifted, until steady again
     two_holders: dict[str, float]  # both nodes had the floating IP configured (fault → steady again)
@@ -890,7 +901,7 @@ class Home:
 
         first, second = (self.monitors[n] for n in NODES)
         return Sample(
-            system=system.name, fault=fault, old=old, new=new, failover=over - t_fault,
+            system=system.name, fault=fault, old=old, new=new, failover=over - t_fault, lifted=t_restore - t_fault,
             outage={p: longest(p, float("-inf"), t_restore) for p in system.probes},
             restore_outage={p: longest(p, t_restore, float("inf")) for p in system.probes},
             two_holders={family(ip): two_holders(first.changes[ip], second.changes[ip], t_fault, t_end)

@@ -81,19 +81,20 @@ class HttpProbe:
 
 @dataclass(frozen=True)
 class DnsProbe:
-    """An A query for ``query`` to ``server`` (port 53, UDP, no retry): the answer's first address is ``who``."""
+    """An A query for ``query`` to ``server`` (UDP, no retry): the answer's first address is ``who``."""
 
     server: str
     query: str
     interval: float = 0.05
     timeout: float = 0.5
     name: str = "dns"
+    port: int = 53
 
     def ask(self) -> Answer:
         ident = int.from_bytes(os.urandom(2), "big")
         with socket.socket(socket.AF_INET6 if ":" in self.server else socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(self.timeout)
-            sock.connect((self.server, 53))  # connected: an ICMP port unreachable fails the attempt at once
+            sock.connect((self.server, self.port))  # connected: an ICMP port unreachable fails the attempt at once
             sock.send(dns_query(ident, self.query, "A"))
             data = sock.recv(4096)  # a socket of its own: nothing but the answer to this question comes here
         try:

@@ -1,8 +1,10 @@
-"""The two-node home end to end (harness.home), one run of each fault: hasync's floating IP, and keepalived
-with the seed's configuration beside it as the anchor (its known behaviour asserted, so the measurement
-itself is checked: a detector that never sees two holders would pass hasync's checks for nothing).
-The figures, repeated and side by side, are the benchmark ``home-keepalived`` (bench/home.py).
-Root, iproute2, iptables, mosquitto and keepalived needed."""
+"""The two-node home end to end (harness.home), one run of each fault: hasync's floating IPs (IPv4 and IPv6) and
+the dnsmasq recipe, fenced (the default); kept only under the two faults where it differs (the broker cut and
+the broker killed); and keepalived with the seed's configuration and dnsmasq in its notify scripts beside them as
+the anchor (its known behaviour asserted, so the measurement itself is checked: a detector that never sees two
+holders or two DHCP servers would pass hasync's checks for nothing). The client asks HTTP (IPv4, IPv6), DNS and
+DHCP throughout. The figures, repeated and side by side, are the benchmark ``home-keepalived`` (bench/home.py).
+Root, iproute2, iptables, mosquitto, dnsmasq, busybox and keepalived needed."""
 
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 HOLD = 1.0
 LEASE = PRODUCTION["lease_duration"]
 MASTER_DOWN = 3 * ADVERT_INT + (256 - 100) / 256 * ADVERT_INT  # the backup's timer, its skew with priority 100
+NO_FAILURE = 0.3  # s: the longest outage that counts as none (an attempt or two lost to the shared machine's load)
+# The faults under which fenced resources are never held twice: no instant with the floating IPs on both nodes,
+# no DHCP exchange that two servers answer. A killed or frozen agent cannot let go of them yet (branch vip-fence
+# makes the addresses lapse): add Fault.KILL and Fault.STOP here when that holds.
+FENCED_NEVER_TWICE = frozenset({Fault.LINK, Fault.CUT, Fault.BROKER, Fault.STEP_DOWN})
+KEPT_DIFFERS = frozenset({Fault.CUT, Fault.BROKER})  # elsewhere kept resources go and come as fenced ones do
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +49,10 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
         yield built
 
 
-@pytest.fixture(scope="module", params=["hasync", "keepalived"])
+@pytest.fixture(scope="module", params=["hasync-fenced", "hasync-kept", "keepalived"])
 def pair(request: pytest.FixtureRequest, home: Home) -> Iterator[System]:
-    system: System = HasyncPair(home) if request.param == "hasync" else KeepalivedPair(home)
+    system: System = KeepalivedPair(home) if request.param == "keepalived" else HasyncPair(
+        home, request.param.removeprefix("hasync-"))
     with running(system, home):
         yield system
 
@@ -51,55 +60,72 @@ def pair(request: pytest.FixtureRequest, home: Home) -> Iterator[System]:
 def measured(home: Home, pair: System, fault: Fault) -> Sample:
     if not pair.supports(fault):
         pytest.skip(f"{pair.name} has no {fault} fault")
+    if pair.name == "hasync-kept" and fault not in KEPT_DIFFERS:
+        pytest.skip(f"kept resources behave as fenced ones under {fault} (the benchmark measures both)")
     sample = home.measure(pair, fault)
     print(sample)
     assert sample.new != sample.old or fault == Fault.BROKER
+    if pair.name == "hasync-fenced" and fault in FENCED_NEVER_TWICE:
+        assert sample.two_holders == {"ipv4": 0, "ipv6": 0}, sample
+        assert sample.two_dhcp.count == 0, sample
     return sample
 
 
 def switched(sample: Sample, within: float = 0.5) -> None:
-    """The client's ARP entry moved to the new holder's MAC, from its announcement, not by asking after a
-    timeout: at most ``within`` after the new holder first answered."""
-    assert sample.arp is not None, "the client's ARP entry never pointed at the new holder"
-    assert sample.arp <= sample.failover + within, sample
+    """The client's neighbour entries (ARP; IPv6 where the system moves an IPv6 address) moved to the new holder's
+    MAC, from its announcement, not by asking after a timeout: at most ``within`` after it first answered."""
+    for family, moved in sample.moved.items():
+        assert moved is not None, f"the client's {family} neighbour entry never pointed at the new holder"
+        assert moved <= sample.failover + within, sample
+
+
+def held_twice(sample: Sample) -> None:
+    """keepalived, which fences nothing: the address on both nodes and both DHCP servers answering while the fault
+    stands (the detectors see what hasync's checks count on them to see)."""
+    assert sample.two_holders["ipv4"] >= HOLD * 0.9, sample
+    assert sample.two_dhcp.count > 0, sample
 
 
 @pytest.mark.timeout(90)
 def test_kill(home: Home, pair: System) -> None:
     sample = measured(home, pair, Fault.KILL)
     switched(sample)
-    # The old node's kernel keeps the address and its HA keeps answering: no request fails either way.
-    assert sample.outage <= 0.3
-    if pair.name == "hasync":
+    # The old node's kernel keeps the address, its HA and dnsmasq keep answering: no request fails either way, but
+    # DNS on the new holder answers only once its promote hook (notify_master) has started dnsmasq.
+    assert sample.outage["http"] <= NO_FAILURE and sample.outage["dhcp"] <= NO_FAILURE
+    assert sample.outage["dns"] <= 1.0
+    if pair.name == "hasync-fenced":
         assert sample.failover <= 1.0  # the Last Will, not the lease
-        assert sample.two_holders <= sample.failover + HOLD + 3.0  # until the restarted agent removes it
+        assert sample.outage["http6"] <= NO_FAILURE
+        assert max(sample.two_holders.values()) <= sample.lifted + 3.0  # until the restarted agent removes them
     else:
         assert MASTER_DOWN - ADVERT_INT - 0.1 <= sample.failover <= MASTER_DOWN + 1.0  # from the last advert
-        assert sample.two_holders >= HOLD * 0.9  # no fencing: until keepalived is started again
+        held_twice(sample)
 
 
 @pytest.mark.timeout(90)
 def test_sigstop(home: Home, pair: System) -> None:
     sample = measured(home, pair, Fault.STOP)
     switched(sample)
-    assert sample.outage <= 0.3
-    # Neither can fence a frozen process: the address stays until SIGCONT, then goes at once.
-    assert HOLD * 0.9 <= sample.two_holders <= sample.failover + HOLD + 1.0
-    if pair.name == "hasync":
+    assert sample.outage["http"] <= NO_FAILURE and sample.outage["dhcp"] <= NO_FAILURE
+    assert sample.outage["dns"] <= 1.0
+    if pair.name == "hasync-fenced":
         assert LEASE - 0.6 <= sample.failover <= LEASE + 1.0
+        # The frozen agent lets go at SIGCONT, at once (its deadline long past).
+        assert max(sample.two_holders.values()) <= sample.lifted + 1.0
     else:
         assert MASTER_DOWN - ADVERT_INT - 0.1 <= sample.failover <= MASTER_DOWN + 1.0  # from the last advert
+        held_twice(sample)
 
 
 @pytest.mark.timeout(90)
 def test_link_down(home: Home, pair: System) -> None:
     sample = measured(home, pair, Fault.LINK)
     switched(sample)
-    if pair.name == "hasync":
-        assert sample.two_holders == 0  # removed at the renew deadline, before the other may claim
-        assert sample.outage <= LEASE + 1.0
+    if pair.name == "hasync-fenced":  # removed at the renew deadline, before the other may claim
+        assert max(sample.outage.values()) <= LEASE + 1.0
     else:
-        assert MASTER_DOWN - ADVERT_INT - 0.1 <= sample.outage <= MASTER_DOWN + 1.0
+        assert MASTER_DOWN - ADVERT_INT - 0.1 <= sample.outage["http"] <= MASTER_DOWN + 1.0
 
 
 @pytest.mark.timeout(120)
@@ -107,29 +133,42 @@ def test_cut(home: Home, pair: System) -> None:
     """hasync: the primary cut off from the broker only; keepalived: the two nodes from each other."""
     sample = measured(home, pair, Fault.CUT)
     switched(sample)
-    if pair.name == "hasync":
-        assert sample.two_holders == 0
+    if pair.name == "hasync-fenced":
         # Removed renew_deadline after its last echoed renewal, claimed a lease after it: about 1 s without.
-        assert sample.outage <= LEASE - PRODUCTION["renew_deadline"] + 1.0
+        assert max(sample.outage.values()) <= LEASE - PRODUCTION["renew_deadline"] + 1.0
+    elif pair.name == "hasync-kept":
+        # The documented trade-off: the old primary keeps the addresses and dnsmasq until it reaches the broker
+        # again, so both nodes hold them while the cut stands; the client is never without an answer.
+        assert min(sample.two_holders.values()) >= HOLD * 0.9, sample
+        assert sample.two_dhcp.count > 0, sample
+        assert max(sample.outage.values()) <= 0.6  # a connection caught by the move of the ARP entry: reset
     else:
-        assert sample.two_holders >= HOLD * 0.9  # both masters while cut
-        assert sample.outage <= 0.3
+        held_twice(sample)  # both masters while cut
+        assert sample.outage["http"] <= NO_FAILURE
 
 
 @pytest.mark.timeout(90)
 def test_broker_killed(home: Home, pair: System) -> None:
     sample = measured(home, pair, Fault.BROKER)
-    assert sample.two_holders == 0
-    # Fenced (the default): the address goes with the broker and comes back a lease after reconnecting.
-    assert 0 < sample.outage <= LEASE + 5.0
+    assert max(sample.two_holders.values()) == 0 and sample.two_dhcp.count == 0
+    if pair.name == "hasync-fenced":
+        # The addresses and dnsmasq go with the broker and come back a lease after reconnecting.
+        assert all(0 < sample.outage[p] <= LEASE + 5.0 for p in ("http", "http6", "dns", "dhcp")), sample
+    else:  # kept: the house keeps its floating IP, DNS and DHCP through the broker's outage
+        assert max(sample.outage.values()) <= NO_FAILURE, sample
 
 
 @pytest.mark.timeout(90)
 def test_step_down(home: Home, pair: System) -> None:
     sample = measured(home, pair, Fault.STEP_DOWN)
     switched(sample)
-    if pair.name == "hasync":
-        assert sample.two_holders == 0  # released only once the address is gone
-        assert sample.outage <= 0.5
+    if isinstance(pair, HasyncPair):
+        # Released only once the addresses are gone and the demote hook has stopped dnsmasq; the outage is that
+        # handover (demotion → the successor's promotion, the demote hook's time in it), little more.
+        handover = pair.handover(sample.old, sample.new)
+        assert handover is not None
+        print(f"demotion to promotion: {handover:.3f} s")
+        assert sample.outage["http"] <= handover + 0.5 and sample.outage["http6"] <= handover + 0.5
+        assert sample.outage["dns"] <= handover + 1.0 and sample.outage["dhcp"] <= handover + 1.0
     else:
-        assert sample.outage <= 1.5  # priority 0: the backup takes over after its skew time
+        assert sample.outage["http"] <= 1.5  # priority 0: the backup takes over after its skew time
