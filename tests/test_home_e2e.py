@@ -1,13 +1,14 @@
 """The two-node home end to end (harness.home), one run of each fault: hasync's floating IPs (IPv4 and IPv6) and
-the dnsmasq recipe, fenced (the default); kept only under the two faults where it differs (the broker cut and
-the broker killed); and keepalived with the seed's configuration and dnsmasq in its notify scripts beside them as
-the anchor (its known behaviour asserted, so the measurement itself is checked: a detector that never sees two
-holders or two DHCP servers would pass hasync's checks for nothing). The client asks HTTP (IPv4, IPv6), DNS and
-DHCP throughout. The figures, repeated and side by side, are the benchmark ``home-keepalived`` (bench/home.py).
-Root, iproute2, iptables, mosquitto, dnsmasq, busybox and keepalived needed."""
+the dnsmasq recipe, fenced (the default), and keepalived with the seed's configuration and dnsmasq in its notify
+scripts beside it as the anchor (its known behaviour asserted, so the measurement itself is checked: a detector
+that never sees two holders or two DHCP servers would pass hasync's checks for nothing). The client asks HTTP
+(IPv4, IPv6), DNS and DHCP throughout. The figures, repeated and side by side, and hasync with its resources kept
+through a broker loss, are the benchmark ``home-keepalived`` (bench/home.py); kept's behaviour is asserted in
+tests/test_dnsmasq_netns.py. Root, iproute2, iptables, mosquitto, dnsmasq, busybox and keepalived needed."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,12 +33,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 HOLD = 1.0
 LEASE = PRODUCTION["lease_duration"]
 MASTER_DOWN = 3 * ADVERT_INT + (256 - 100) / 256 * ADVERT_INT  # the backup's timer, its skew with priority 100
-NO_FAILURE = 0.3  # s: the longest outage that counts as none (an attempt or two lost to the shared machine's load)
-# The faults under which fenced resources are never held twice: no instant with the floating IPs on both nodes,
-# no DHCP exchange that two servers answer. A killed or frozen agent cannot let go of them yet (branch vip-fence
-# makes the addresses lapse): add Fault.KILL and Fault.STOP here when that holds.
-FENCED_NEVER_TWICE = frozenset({Fault.LINK, Fault.CUT, Fault.BROKER, Fault.STEP_DOWN})
-KEPT_DIFFERS = frozenset({Fault.CUT, Fault.BROKER})  # elsewhere kept resources go and come as fenced ones do
+# s: the longest outage that counts as none: one attempt's timeout (harness.homeprobe's 0.5 s), for the attempts
+# the shared machine's load loses (0.33 s seen at a load of 9 on 2 cores); a failover's gap is seconds.
+NO_FAILURE = 0.5
+# The faults under which fenced resources are never held twice: no instant with the floating IPs on both nodes
+# (ADDRESSES), no DHCP exchange that two servers answer (DHCP). A killed or frozen agent lets go of nothing yet:
+# once its addresses lapse by themselves (branch vip-fence), add Fault.KILL and Fault.STOP to ADDRESSES. Its
+# dnsmasq, a process the hook started, runs on until the agent is back (or thawed) whatever the addresses do.
+FENCED_NEVER_TWICE_ADDRESSES = frozenset({Fault.LINK, Fault.CUT, Fault.BROKER, Fault.STEP_DOWN})
+FENCED_NEVER_TWICE_DHCP = frozenset({Fault.LINK, Fault.CUT, Fault.BROKER, Fault.STEP_DOWN})
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +53,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
         yield built
 
 
-@pytest.fixture(scope="module", params=["hasync-fenced", "hasync-kept", "keepalived"])
+@pytest.fixture(scope="module", params=["hasync", "keepalived"])
 def pair(request: pytest.FixtureRequest, home: Home) -> Iterator[System]:
-    system: System = KeepalivedPair(home) if request.param == "keepalived" else HasyncPair(
-        home, request.param.removeprefix("hasync-"))
+    system: System = HasyncPair(home) if request.param == "hasync" else KeepalivedPair(home)
     with running(system, home):
         yield system
 
@@ -60,13 +63,16 @@ def pair(request: pytest.FixtureRequest, home: Home) -> Iterator[System]:
 def measured(home: Home, pair: System, fault: Fault) -> Sample:
     if not pair.supports(fault):
         pytest.skip(f"{pair.name} has no {fault} fault")
-    if pair.name == "hasync-kept" and fault not in KEPT_DIFFERS:
-        pytest.skip(f"kept resources behave as fenced ones under {fault} (the benchmark measures both)")
+    started = time.monotonic()
     sample = home.measure(pair, fault)
     print(sample)
+    failed = [f"{a.probe} {a.start - started:.3f}+{a.end - a.start:.3f} {a.error}" for a in home.client.attempts
+              if not a.ok and a.start >= started and a.probe in pair.probes]
+    print(f"{len(failed)} failed attempts (s since the measurement began):", *failed[:40], sep="\n  ")
     assert sample.new != sample.old or fault == Fault.BROKER
-    if pair.name == "hasync-fenced" and fault in FENCED_NEVER_TWICE:
+    if isinstance(pair, HasyncPair) and fault in FENCED_NEVER_TWICE_ADDRESSES:
         assert sample.two_holders == {"ipv4": 0, "ipv6": 0}, sample
+    if isinstance(pair, HasyncPair) and fault in FENCED_NEVER_TWICE_DHCP:
         assert sample.two_dhcp.count == 0, sample
     return sample
 
@@ -94,7 +100,7 @@ def test_kill(home: Home, pair: System) -> None:
     # DNS on the new holder answers only once its promote hook (notify_master) has started dnsmasq.
     assert sample.outage["http"] <= NO_FAILURE and sample.outage["dhcp"] <= NO_FAILURE
     assert sample.outage["dns"] <= 1.0
-    if pair.name == "hasync-fenced":
+    if isinstance(pair, HasyncPair):
         assert sample.failover <= 1.0  # the Last Will, not the lease
         assert sample.outage["http6"] <= NO_FAILURE
         assert max(sample.two_holders.values()) <= sample.lifted + 3.0  # until the restarted agent removes them
@@ -109,7 +115,7 @@ def test_sigstop(home: Home, pair: System) -> None:
     switched(sample)
     assert sample.outage["http"] <= NO_FAILURE and sample.outage["dhcp"] <= NO_FAILURE
     assert sample.outage["dns"] <= 1.0
-    if pair.name == "hasync-fenced":
+    if isinstance(pair, HasyncPair):
         assert LEASE - 0.6 <= sample.failover <= LEASE + 1.0
         # The frozen agent lets go at SIGCONT, at once (its deadline long past).
         assert max(sample.two_holders.values()) <= sample.lifted + 1.0
@@ -122,7 +128,7 @@ def test_sigstop(home: Home, pair: System) -> None:
 def test_link_down(home: Home, pair: System) -> None:
     sample = measured(home, pair, Fault.LINK)
     switched(sample)
-    if pair.name == "hasync-fenced":  # removed at the renew deadline, before the other may claim
+    if isinstance(pair, HasyncPair):  # removed at the renew deadline, before the other may claim
         assert max(sample.outage.values()) <= LEASE + 1.0
     else:
         assert MASTER_DOWN - ADVERT_INT - 0.1 <= sample.outage["http"] <= MASTER_DOWN + 1.0
@@ -133,15 +139,9 @@ def test_cut(home: Home, pair: System) -> None:
     """hasync: the primary cut off from the broker only; keepalived: the two nodes from each other."""
     sample = measured(home, pair, Fault.CUT)
     switched(sample)
-    if pair.name == "hasync-fenced":
+    if isinstance(pair, HasyncPair):
         # Removed renew_deadline after its last echoed renewal, claimed a lease after it: about 1 s without.
         assert max(sample.outage.values()) <= LEASE - PRODUCTION["renew_deadline"] + 1.0
-    elif pair.name == "hasync-kept":
-        # The documented trade-off: the old primary keeps the addresses and dnsmasq until it reaches the broker
-        # again, so both nodes hold them while the cut stands; the client is never without an answer.
-        assert min(sample.two_holders.values()) >= HOLD * 0.9, sample
-        assert sample.two_dhcp.count > 0, sample
-        assert max(sample.outage.values()) <= 0.6  # a connection caught by the move of the ARP entry: reset
     else:
         held_twice(sample)  # both masters while cut
         assert sample.outage["http"] <= NO_FAILURE
@@ -150,12 +150,8 @@ def test_cut(home: Home, pair: System) -> None:
 @pytest.mark.timeout(90)
 def test_broker_killed(home: Home, pair: System) -> None:
     sample = measured(home, pair, Fault.BROKER)
-    assert max(sample.two_holders.values()) == 0 and sample.two_dhcp.count == 0
-    if pair.name == "hasync-fenced":
-        # The addresses and dnsmasq go with the broker and come back a lease after reconnecting.
-        assert all(0 < sample.outage[p] <= LEASE + 5.0 for p in ("http", "http6", "dns", "dhcp")), sample
-    else:  # kept: the house keeps its floating IP, DNS and DHCP through the broker's outage
-        assert max(sample.outage.values()) <= NO_FAILURE, sample
+    # Fenced (the default): the addresses and dnsmasq go with the broker and come back a lease after reconnecting.
+    assert all(0 < sample.outage[p] <= LEASE + 5.0 for p in ("http", "http6", "dns", "dhcp")), sample
 
 
 @pytest.mark.timeout(90)
