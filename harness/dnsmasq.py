@@ -54,12 +54,13 @@ def hook(conf: Path, pidfile: Path) -> str:
 
 
 def running(pidfile: Path) -> bool:
-    """The dnsmasq of ``pidfile`` is running (pid namespaces are shared: the test sees the process)."""
+    """The dnsmasq of ``pidfile`` is running (pid namespaces are shared: the test sees the process), not a zombie
+    that nobody has reaped yet (daemonized, it is adopted by init, which here may take seconds to reap it)."""
     try:
-        os.kill(int(pidfile.read_text()), 0)
+        stat = Path(f"/proc/{int(pidfile.read_text())}/stat").read_text()
     except (OSError, ValueError):
         return False
-    return True
+    return stat.rpartition(") ")[2][:1] != "Z"
 
 
 def kill(pidfile: Path) -> None:

@@ -383,6 +383,7 @@ class HasyncPair:
         self.probes: tuple[str, ...] = ("http", "http6", "dns", "dhcp")
         self.cluster: Cluster | None = None
         self.deaths: dict[str, float] = {}  # "node#incarnation" -> the time of its kill -9
+        self._ready_since: dict[str, float] = {}  # "node#incarnation" -> first seen eligible and connected
         self.pidfiles: list[Path] = []
 
     def start(self) -> None:
@@ -462,14 +463,25 @@ class HasyncPair:
         leader = acting[0] if len(acting) == 1 else None
         if leader is None or not all(a.alive for a in cluster.agents.values()):
             return None
-        roles = {node: agent.status().get("role") for node, agent in cluster.agents.items()}
-        return leader if roles == {leader: "primary", other(leader): "standby"} else None
+        statuses = {node: agent.status() for node, agent in cluster.agents.items()}
+        if {node: s.get("role") for node, s in statuses.items()} != {leader: "primary", other(leader): "standby"}:
+            return None
+        # The standby could take over at once: healthy, and connected for a lease (a node that just (re)connected
+        # observes a full lease before it may claim); an agent's start-up takes seconds on a loaded machine.
+        standby = statuses[other(leader)]
+        key = f"{other(leader)}#{standby.get('incarnation')}"
+        if not (standby.get("eligible") and standby.get("connected")):
+            self._ready_since.pop(key, None)
+            return None
+        since = self._ready_since.setdefault(key, now)
+        return leader if now - since >= PRODUCTION["lease_duration"] else None
 
     def supports(self, fault: Fault) -> bool:
         return True
 
     def inject(self, fault: Fault, node: str) -> None:
         cluster = self._cluster()
+        self._ready_since.clear()  # observed again once the fault is lifted
         match fault:
             case Fault.KILL:
                 events = cluster.agents[node].events()
