@@ -36,6 +36,7 @@ NAME = "home-keepalived"
 TITLE = ("the two-node home end to end: hasync's floating IP and dnsmasq (fenced, kept) against keepalived, "
          "same namespaces, same faults")
 HOLD = 1.0  # s a fault stands after the other node answers
+EXPLAIN = 5.0  # s: a run whose outage is longer has its observers' records logged
 SYSTEMS = ("hasync-fenced", "hasync-kept", "keepalived")
 BASELINE = "keepalived"
 PROBES = (("http", "HTTP IPv4"), ("http6", "HTTP IPv6"), ("dns", "DNS"), ("dhcp", "DHCP"))
@@ -236,6 +237,9 @@ def measure(home: Home, system: System, fault: Fault, runs: int, log: Callable[[
                     f"two holders {max(sample.two_holders.values()) * 1000:.0f} ms, two DHCP servers "
                     f"{sample.two_dhcp.count}x {sample.two_dhcp.seconds * 1000:.0f} ms, answered after "
                     f"{sample.failover * 1000:.0f} ms, outage when lifted ms {lifted}")
+                if max(sample.outage.values()) > EXPLAIN or max(sample.restore_outage.values()) > EXPLAIN:
+                    log(f"{NAME} {system.name} {fault} {i + 1}/{runs}, what the observers saw:\n"
+                        f"{home.changes(sample.at)}")
     except Exception:
         log(f"{NAME} {system.name} {fault} FAILED:\n{traceback.format_exc()}\n{out.getvalue()}")
         raise

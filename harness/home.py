@@ -726,6 +726,7 @@ class Sample:
 
     system: str
     fault: Fault
+    at: float  # the fault's time (time.monotonic())
     old: str
     new: str
     failover: float  # fault → the first HTTP answer from the new holder (once it holds the address) arrived
@@ -913,7 +914,8 @@ class Home:
 
         first, second = (self.monitors[n] for n in NODES)
         return Sample(
-            system=system.name, fault=fault, old=old, new=new, failover=over - t_fault, lifted=t_restore - t_fault,
+            system=system.name, fault=fault, at=t_fault, old=old, new=new, failover=over - t_fault,
+            lifted=t_restore - t_fault,
             outage={p: longest(p, float("-inf"), t_restore) for p in system.probes},
             restore_outage={p: longest(p, t_restore, float("inf")) for p in system.probes},
             two_holders={family(ip): two_holders(first.changes[ip], second.changes[ip], t_fault, t_end)
@@ -923,6 +925,25 @@ class Home:
             moved={family(ip): None if (t := self.neighbour.switched_to(ip, self.macs[new], t_fault)) is None
                    else t - t_fault for ip in system.ips},
             final=final)
+
+    def changes(self, since: float) -> str:
+        """What the observers saw since ``since`` (seconds after it): each node's floating IPs, the client's
+        neighbour entries for them, the client's failed attempts per probe (first, last, how many, the last
+        error): for a run whose figures need explaining."""
+        lines = []
+        names: dict[str | None, str | None] = {m: n for n, m in self.macs.items()}
+        for ip in self.vips.both:
+            for node, monitor in self.monitors.items():
+                held = [(round(t - since, 3), h) for t, h in monitor.changes[ip] if t >= since]
+                lines.append(f"{ip} on {node}: {held}")
+            entry = [(round(t - since, 3), names.get(m, m)) for t, m in self.neighbour.changes[ip] if t >= since]
+            lines.append(f"{ip} client's entry: {entry}")
+        for probe in STEADY_ANSWERS:
+            failed = [a for a in self.client.attempts if a.probe == probe and not a.ok and a.start >= since]
+            if failed:
+                lines.append(f"{probe}: {len(failed)} failed from {failed[0].start - since:.3f} to "
+                             f"{failed[-1].start - since:.3f}, last: {failed[-1].error}")
+        return "\n".join(lines)
 
     def logs(self, system: System | None = None) -> str:
         parts = [system.logs()] if system is not None else []

@@ -115,9 +115,10 @@ def home_sample(system: str, fault: str, *, http: float = 0.0, dns: float = 0.0,
     six = system != "keepalived"
     probes = {"http": http, "dns": dns, "dhcp": 0.0, **({"http6": http} if six else {})}
     families = ("ipv4", "ipv6") if six else ("ipv4",)
-    return Sample(system=system, fault=Fault(fault), old="n1", new="n2", failover=0.05, lifted=1.2, outage=probes,
-                  restore_outage=dict.fromkeys(probes, 0.0), two_holders=dict.fromkeys(families, holders),
-                  two_dhcp=Doubles(dhcp_twice, 0.2 * dhcp_twice), both_answered=0.0,
+    return Sample(system=system, fault=Fault(fault), at=0.0, old="n1", new="n2", failover=0.05, lifted=1.2,
+                  outage=probes, restore_outage=dict.fromkeys(probes, 0.0),
+                  two_holders=dict.fromkeys(families, holders), two_dhcp=Doubles(dhcp_twice, 0.2 * dhcp_twice),
+                  both_answered=0.0,
                   moved=dict.fromkeys(families, 0.03), final="n2")
 
 
