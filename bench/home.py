@@ -260,12 +260,29 @@ NOTES = [
     "broker but not from the LAN, keeps the addresses and dnsmasq until it reaches the broker again and sees "
     "the new primary's term, so both nodes hold them (and both DHCP servers answer) for the whole cut and "
     "until it reconnects: the hold + the reconnection here, as long as the cut in a real one.",
+    "link, hasync kept: the same trade-off once the cable is plugged back. While the link is down the old "
+    "primary reaches nobody (its two holders are not seen by anyone); plugged back, it is on the LAN again "
+    "before its connection to the broker recovers (TCP's retransmission backoff, or a reconnect), and until "
+    "it reads the new primary's term both nodes hold the addresses and both DHCP servers answer. Fenced: none.",
+    "step-down, hasync: the release waits for the demote hook (here the recipe's, stopping dnsmasq) and the "
+    "addresses go before it, so the client's outage is the hook's time plus the successor's claim. "
+    "`hasync step-down` itself adds ~2 s of CLI start-up before the fault begins to act (not in the outage).",
     "kill -9 and SIGSTOP take down the agent (or keepalived) only: the node's kernel keeps the addresses, its "
     "Home Assistant and its dnsmasq keep answering, so the client sees little or no outage with either system; "
     "until the new holder's gratuitous ARP the client still talks to the old node, then to the new one, and a "
     "DHCP client hears both servers. Neither system can fence a process that is dead or frozen: two holders "
     "until it is restarted or thawed. The DNS outage after a kill -9 is the new holder's dnsmasq starting: the "
-    "address moves (and is announced) first, the promote hook (keepalived: notify_master) starts dnsmasq after.",
+    "address moves (and is announced) first, the promote hook (keepalived: notify_master) starts dnsmasq after. "
+    "Whether a DNS query falls into that gap (about 0.1 s) depends on the probe's phase: 0 or about 100 ms, for "
+    "both systems alike. The two DHCP servers under kill -9 and SIGSTOP are the old node's dnsmasq, a process "
+    "the hook started: addresses that lapse by themselves would not stop it.",
+    "link: hasync's lease (3 s after the last renewal it received) and keepalived's master-down timer (3 "
+    "advert_int and the skew after the last advert) are the same gap by design; a verdict on the ratio of "
+    "two equal medians is noise.",
+    "Two holders of a few milliseconds are within the observers' resolution: `ip monitor` stamps an event "
+    "when it reads it, which a loaded machine delays (at a load of 9, a hasync step-down without hooks showed "
+    "2.6 ms of two holders, where by construction the successor adds the address only after the release that "
+    "follows its removal).",
 ]
 
 
