@@ -47,6 +47,7 @@ def test_an_offer_and_an_ack_are_read_with_their_server_and_address() -> None:
     b"\x01" + reply(dhcpclient.OFFER, 7)[1:],  # a request, not a reply
     reply(dhcpclient.OFFER, 7)[:239],  # too short for the magic cookie
     reply(dhcpclient.OFFER, 7)[:-6],  # the server identifier cut off
+    reply(dhcpclient.OFFER, 7)[:-3],  # the server identifier cut short
     reply(dhcpclient.OFFER, 7)[:240] + b"\xff",  # no message type
 ])
 def test_anything_else_is_none(data: bytes) -> None:
