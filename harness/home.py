@@ -1,23 +1,26 @@
 """The two-node home of issue 12 in network namespaces, and one fault measured end to end.
 
 Topology (harness.netns, one bridge): ``n1`` and ``n2``, each with a stand-in for Home Assistant
-(harness.standin_ha, port 8123 on all addresses, answering with its node's name) and whichever system
-moves the floating IP (``HasyncPair``: an agent with ``vip:``; ``KeepalivedPair``: Debian's keepalived with
-the seed's VRRP configuration); ``broker`` (Mosquitto); ``client`` (harness.homeprobe: an HTTP GET to the
-floating IP every 25 ms, each answer or failure with its time and the node that answered).
+(harness.standin_ha, port 8123 on all addresses, IPv4 and IPv6, answering with its node's name), dnsmasq
+(harness.dnsmasq: DHCP for the LAN, and DNS that answers ``whoami.test`` with its node's address), started and
+stopped by whichever system moves the floating IP (``HasyncPair``: an agent with ``vip:`` (an IPv4 and an IPv6
+address) and the dnsmasq recipe's hooks and checks, its resources fenced or kept through a broker loss;
+``KeepalivedPair``: Debian's keepalived with the seed's VRRP configuration, IPv4 only, and dnsmasq in its
+notify scripts); ``broker`` (Mosquitto); ``client`` (harness.homeprobe: an HTTP GET to the floating IP every
+25 ms over IPv4 and over IPv6, a DNS query to it every 50 ms, a DHCP exchange every 100 ms; each answer or
+failure with its time and the node that answered, and for DHCP every server that offered).
 
 Observers, each a process whose lines a thread reads: ``ip -ts monitor address`` in both nodes (when
-each held the floating IP, with ``ip``'s own timestamps), ``ip -ts monitor neigh`` in the client (which
-MAC its ARP entry for the floating IP points at), and the client's probes. Every time is
-``time.monotonic()`` (``ip``'s wall-clock stamps are converted), one clock for every namespace.
+each held each floating IP, with ``ip``'s own timestamps), ``ip -ts monitor neigh`` in the client (which
+MAC its ARP and IPv6 neighbour entries for the floating IPs point at), and the client's probes. Every time
+is ``time.monotonic()`` (``ip``'s wall-clock stamps are converted), one clock for every namespace.
 
 ``Home.measure(system, fault)`` waits until the pair is steady, injects the fault into the node that
-holds the address, waits until the other node answers the client, lets the fault stand for ``hold``
-seconds more, lifts it (restarts, thaws,
-plugs the cable back, heals the cut) and waits until the pair is steady again; harness.timeline turns
-the records of that window into a ``Sample``. Every wait is bounded; ``Home.close`` (or leaving the
-``with``) stops every process it started, by its own handle, and deletes the namespaces, whose
-iptables rules go with them.
+holds the address, waits until the other node answers the client (HTTP, DNS, DHCP), lets the fault stand
+for ``hold`` seconds more, lifts it (restarts, thaws, plugs the cable back, heals the cut) and waits until
+the pair is steady again; harness.timeline turns the records of that window into a ``Sample``. Every wait is
+bounded; ``Home.close`` (or leaving the ``with``) stops every process it started, by its own handle (and any
+dnsmasq left behind, by its pidfile), and deletes the namespaces, whose iptables rules go with them.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import datetime
 import enum
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -42,16 +46,17 @@ from typing import IO, Protocol, Self, TypeVar
 from hasync.audit import Tenure, decreasing_terms, overlaps, tenures, terms_with_two_winners
 from hasync.election import Timing
 
-from . import netns
+from . import dnsmasq, netns
 from .agents import Cluster
-from .brokers import MosquittoProcess, mosquitto_binary
+from .brokers import MosquittoProcess
+from .dnsmasq import WHOAMI
 from .standin_ha import PORT as HA_PORT
-from .timeline import Attempt, answered_by, both_answered, outages, two_holders
+from .timeline import Attempt, Doubles, answered_by, both_answered, outages, two_holders, two_servers
 from .wait import free_port, wait_until
 
 NODES = ("n1", "n2")
-VIP_HOST = 50  # the floating IP is .50 in the LAN's /24
-STEADY_ANSWERS = 5  # the client's last answers that must all come from the holder
+VIP_HOST = 50  # the floating IPs are .50 in the LAN's /24 and ::50 in its IPv6 /64
+CLIENT_HOST = 13  # the client's IPv6 address is ::13 (its IPv4 one is .13: harness.netns, the fourth namespace)
 # Steady again after a fault may take a client's ARP entry expiring: keepalived's master does not announce
 # again when a split heals, and the client keeps the backup's MAC until its entry fails (reachable_time
 # 15-45 s, then 5 s of delay and 3 probes).
@@ -156,12 +161,12 @@ def _until_seen(seen: threading.Event, what: str, make: Callable[[], object], un
 
 
 class AddressMonitor:
-    """When ``node`` held ``ip`` on its eth0: ``changes`` is ``[(t, held)]``, its state when the monitor
-    became ready first."""
+    """When ``node`` held each of ``ips`` on its eth0: ``changes[ip]`` is ``[(t, held)]``, its state when the
+    monitor became ready first."""
 
-    def __init__(self, lan: netns.Lan, node: str, ip: str, workdir: Path) -> None:
-        self.lan, self.node, self.ip = lan, node, ip
-        self.changes: list[tuple[float, bool]] = []
+    def __init__(self, lan: netns.Lan, node: str, ips: Sequence[str], workdir: Path) -> None:
+        self.lan, self.node = lan, node
+        self.changes: dict[str, list[tuple[float, bool]]] = {ip: [] for ip in ips}
         self._ready = threading.Event()
         self._reader = LineReader([*lan.prefix(node), *netns.realtime(), "ip", "-ts", "-o", "monitor", "address"],
                                   self._line, workdir / f"monitor-{node}.log")
@@ -171,12 +176,16 @@ class AddressMonitor:
         if parsed is None:
             return
         t, rest = parsed
-        if f" inet {MARKER}/" in rest:
+        found = _ADDRESS.search(rest)
+        if found is None:
+            return
+        ip = found.group(1)
+        if ip == MARKER:
             self._ready.set()
-        elif f" inet {self.ip}/" in rest and " eth0" in rest and self.changes:
+        elif ip in self.changes and " eth0" in rest and (changes := self.changes[ip]):
             held = not rest.startswith("Deleted ")
-            if t > self.changes[-1][0] and held != self.changes[-1][1]:
-                self.changes.append((t, held))
+            if t > changes[-1][0] and held != changes[-1][1]:
+                changes.append((t, held))
 
     def start(self) -> Self:
         self._reader.start()
@@ -184,26 +193,31 @@ class AddressMonitor:
         _until_seen(self._ready, f"the address monitor in {self.node}",
                     lambda: self.lan.run_in(self.node, "ip", "addr", "add", f"{MARKER}/32", "dev", "lo"),
                     lambda: self.lan.run_in(self.node, "ip", "addr", "del", f"{MARKER}/32", "dev", "lo"))
-        self.changes.append((time.monotonic(), self.ip in addresses(self.lan, self.node)))
+        now, present = time.monotonic(), addresses(self.lan, self.node)
+        for ip, changes in self.changes.items():
+            changes.append((now, ip in present))
         return self
 
-    def holds(self) -> bool:
-        return self.changes[-1][1]
+    def holds(self, ip: str) -> bool:
+        return self.changes[ip][-1][1]
 
-    def added_after(self, t: float) -> float | None:
-        return next((c for c, held in list(self.changes) if held and c > t), None)
+    def added_after(self, ip: str, t: float) -> float | None:
+        return next((c for c, held in list(self.changes[ip]) if held and c > t), None)
 
     def close(self) -> None:
         self._reader.close()
 
 
-class NeighbourMonitor:
-    """Which MAC the client's neighbour (ARP) entry for ``ip`` points at: ``changes`` is ``[(t, mac)]``,
-    None while it has none (or a failed one)."""
+_ADDRESS = re.compile(r" inet6? ([0-9a-f.:]+)/")
 
-    def __init__(self, lan: netns.Lan, node: str, ip: str, workdir: Path) -> None:
-        self.lan, self.node, self.ip = lan, node, ip
-        self.changes: list[tuple[float, str | None]] = []
+
+class NeighbourMonitor:
+    """Which MAC the client's neighbour entry (ARP, IPv6 neighbour discovery) for each of ``ips`` points at:
+    ``changes[ip]`` is ``[(t, mac)]``, None while it has none (or a failed one)."""
+
+    def __init__(self, lan: netns.Lan, node: str, ips: Sequence[str], workdir: Path) -> None:
+        self.lan, self.node = lan, node
+        self.changes: dict[str, list[tuple[float, str | None]]] = {ip: [] for ip in ips}
         self._ready = threading.Event()
         self._reader = LineReader([*lan.prefix(node), *netns.realtime(), "ip", "-ts", "-o", "monitor", "neigh"],
                                   self._line, workdir / f"monitor-neigh-{node}.log")
@@ -218,12 +232,12 @@ class NeighbourMonitor:
             return
         if words[0] == MARKER:
             self._ready.set()
-        elif words[0] == self.ip and self.changes:
+        elif words[0] in self.changes and (changes := self.changes[words[0]]):
             mac = None
             if "lladdr" in words and not rest.startswith("Deleted ") and "FAILED" not in words:
                 mac = words[words.index("lladdr") + 1]
-            if t > self.changes[-1][0] and mac != self.changes[-1][1]:
-                self.changes.append((t, mac))
+            if t > changes[-1][0] and mac != changes[-1][1]:
+                changes.append((t, mac))
 
     def start(self) -> Self:
         self._reader.start()
@@ -231,47 +245,63 @@ class NeighbourMonitor:
                     lambda: self.lan.run_in(self.node, "ip", "neigh", "replace", MARKER, "lladdr",
                                             "02:00:00:00:00:77", "dev", "eth0"),
                     lambda: self.lan.run_in(self.node, "ip", "neigh", "del", MARKER, "dev", "eth0"))
-        self.changes.append((time.monotonic(), neighbour(self.lan, self.node, self.ip)))
+        now = time.monotonic()
+        for ip, changes in self.changes.items():
+            changes.append((now, neighbour(self.lan, self.node, ip)))
         return self
 
-    def mac(self) -> str | None:
-        return self.changes[-1][1]
-
-    def switched_to(self, mac: str, after: float) -> float | None:
-        return next((t for t, m in list(self.changes) if m == mac and t > after), None)
+    def switched_to(self, ip: str, mac: str, after: float) -> float | None:
+        return next((t for t, m in list(self.changes[ip]) if m == mac and t > after), None)
 
     def close(self) -> None:
         self._reader.close()
 
 
-class Client:
-    """The client's probes (harness.homeprobe) in its namespace; ``attempts`` grows as they answer."""
+# The client's probes: how many of each one's last attempts must all have been answered by the holder for the
+# pair to count as steady (DHCP: by the holder alone).
+STEADY_ANSWERS = {"http": 5, "http6": 5, "dns": 3, "dhcp": 3}
+FRESH = 1.0  # s: the latest of them started at most this long ago
 
-    def __init__(self, lan: netns.Lan, node: str, vip: str, workdir: Path, interval: float) -> None:
+
+class Client:
+    """The client's probes (harness.homeprobe) in its namespace; ``attempts`` grows as they answer, each with
+    ``who`` (and DHCP's ``servers``) as node names where the answer named a node's address."""
+
+    def __init__(self, lan: netns.Lan, node: str, vips: Vips, workdir: Path, interval: float) -> None:
         self.attempts: list[Attempt] = []
+        self._names = {address: name for name, address in lan.addresses.items()}
         self._ready = threading.Event()
-        self._reader = LineReader([*lan.prefix(node), sys.executable, "-m", "harness.homeprobe", "--http",
-                                   f"{vip}:{HA_PORT}", "--interval", str(interval)], self._line,
-                                  workdir / "client.log")
+        self._reader = LineReader([*lan.prefix(node), sys.executable, "-m", "harness.homeprobe",
+                                   "--http", f"{vips.v4}:{HA_PORT}", "--http", f"[{vips.v6}]:{HA_PORT}",
+                                   "--dns", vips.v4, WHOAMI, "--dhcp", "eth0", "--interval", str(interval)],
+                                  self._line, workdir / "client.log")
 
     def _line(self, line: str) -> None:
         record = json.loads(line)
         if record.get("ready"):
             self._ready.set()
             return
-        self.attempts.append(Attempt(record["probe"], record["start"], record["end"], record["ok"], record["who"],
-                                     record["error"]))
+        who = record["who"]
+        self.attempts.append(Attempt(record["probe"], record["start"], record["end"], record["ok"],
+                                     self._names.get(who, who), record["error"],
+                                     tuple(self._names.get(s, s) for s in record["servers"])))
 
     def start(self) -> Self:
         self._reader.start()
         wait_until(self._ready.is_set, 15, "the client's probes to start")
         return self
 
-    def answering(self, who: str, now: float) -> bool:
-        """The last ``STEADY_ANSWERS`` attempts answered, all by ``who``, the latest started just now."""
-        last = sorted(self.attempts[-STEADY_ANSWERS * 4:], key=lambda a: a.start)[-STEADY_ANSWERS:]
-        return (len(last) == STEADY_ANSWERS and all(a.ok and a.who == who for a in last)
-                and now - last[-1].start < 0.5)
+    def answering(self, who: str, now: float, probes: Iterable[str]) -> bool:
+        """For each of ``probes``, its last attempts (``STEADY_ANSWERS``) all answered by ``who`` alone, the
+        latest started just now."""
+        for probe in probes:
+            count = STEADY_ANSWERS[probe]
+            mine = [a for a in self.attempts[-400:] if a.probe == probe]
+            last = sorted(mine, key=lambda a: a.start)[-count:]
+            if not (len(last) == count and all(a.ok and a.who == who and set(a.servers) <= {who} for a in last)
+                    and now - last[-1].start < FRESH):
+                return False
+        return True
 
     def close(self) -> None:
         self._reader.close()
@@ -317,6 +347,8 @@ class NamespacedMosquitto(MosquittoProcess):
 class System(Protocol):
     name: str
     quiet: float  # seconds after the fault is lifted before the pair counts as steady
+    ips: tuple[str, ...]  # the floating IPs it moves (the home's IPv4 one first)
+    probes: tuple[str, ...]  # the client's probes it serves (http6 only if it moves the IPv6 address)
 
     def start(self) -> None: ...
 
@@ -336,30 +368,48 @@ class System(Protocol):
 
 
 class HasyncPair:
-    """An hasync agent on each node, production timings, ``vip:`` for the floating IP, an http health check
-    on the local HA stand-in (the seed's ``vrrp_script``), ``preempt: false``."""
+    """An hasync agent on each node, production timings, ``vip:`` for the floating IPs (IPv4 and IPv6), the
+    dnsmasq recipe (examples/dnsmasq: its hook script as the promote and demote hook, ``on_promote_failure:
+    handover``, a DNS check of the node's own dnsmasq on the primary only, the LAN interface tracked), an http
+    health check on the local HA stand-in (the seed's ``vrrp_script``), ``preempt: false``. ``broker_loss``: the
+    addresses' and the hooks' ``on_broker_loss`` (fenced, the default, or kept)."""
 
-    name = "hasync"
-
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, broker_loss: str = "fenced") -> None:
         self.home = home
+        self.broker_loss = broker_loss
+        self.name = f"hasync-{broker_loss}"
         self.quiet = PRODUCTION["lease_duration"] + 1.5  # a (re)connected node observes a lease before it may claim
+        self.ips: tuple[str, ...] = home.vips.both
+        self.probes: tuple[str, ...] = ("http", "http6", "dns", "dhcp")
         self.cluster: Cluster | None = None
         self.deaths: dict[str, float] = {}  # "node#incarnation" -> the time of its kill -9
-        self._observing_until = 0.0  # a restarted agent may not claim before
+        self._ready_since: dict[str, float] = {}  # "node#incarnation" -> first seen eligible and connected
+        self.pidfiles: list[Path] = []
 
     def start(self) -> None:
         home = self.home
         # A directory and topic prefix per pair: a pair started for the next fault reads only its own events.
         tag = secrets.token_hex(3)
-        self.cluster = Cluster(home.workdir / f"hasync-{tag}", home.broker.url, f"home-{tag}")
+        workdir = home.workdir / f"hasync-{tag}"
+        self.cluster = Cluster(workdir, home.broker.url, f"home-{tag}")
         for node, priority in zip(NODES, (200, 150), strict=True):
+            conf, pidfile = home.dnsmasq(workdir / f"dnsmasq-{node}", node)
+            self.pidfiles.append(pidfile)
+            address = home.lan.addresses[node]
+            hook = dnsmasq.hook(conf, pidfile)
             self.cluster.add(
                 node, priority=priority, preempt=False, command_prefix=home.lan.prefix(node),
                 election=PRODUCTION, broker={"keepalive": 5, "reconnect_min": 0.2, "reconnect_max": 10.0},
-                http={"host": home.lan.addresses[node]}, log={"level": "INFO"},
-                vip=[{"address": f"{home.vip}/24", "interface": "eth0"}],
-                health_checks=[{"name": "ha", "type": "http", "url": f"http://127.0.0.1:{HA_PORT}/"}])
+                http={"host": address}, log={"level": "INFO"},
+                vip=[{"address": f"{home.vips.v4}/24", "interface": "eth0", "on_broker_loss": self.broker_loss},
+                     {"address": f"{home.vips.v6}/64", "interface": "eth0", "on_broker_loss": self.broker_loss}],
+                hooks={"promote": hook, "demote": hook, "on_broker_loss": self.broker_loss,
+                       "on_promote_failure": "handover", "timeout": 30},
+                health_checks=[
+                    {"name": "ha", "type": "http", "url": f"http://127.0.0.1:{HA_PORT}/"},
+                    {"name": "dnsmasq-answers", "type": "dns", "server": address, "query": WHOAMI,
+                     "expect": [address], "when": "primary", "interval": 5, "timeout": 2, "fall": 2},
+                    {"name": "lan", "type": "interface", "interface": "eth0"}])
 
     def _cluster(self) -> Cluster:
         if self.cluster is None:
@@ -378,6 +428,8 @@ class HasyncPair:
             self.audit()
         finally:
             self.cluster.stop_all()
+            for pidfile in self.pidfiles:  # one a killed agent left behind and nobody stopped
+                dnsmasq.kill(pidfile)
 
     def _tenures(self) -> list[Tenure]:
         """Per incarnation: a node killed in one run and restarted is a new process, and its tenure of the
@@ -394,23 +446,42 @@ class HasyncPair:
         assert not terms_with_two_winners(events), terms_with_two_winners(events)
         assert not decreasing_terms(events), decreasing_terms(events)
 
+    def handover(self, old: str, new: str) -> float | None:
+        """Seconds from ``old``'s last demotion to ``new``'s promotion after it (the agents' own events): a
+        graceful handover's time, its demote hook included (the release waits for it)."""
+        events = self._cluster().all_events()
+        promoted = [e["t"] for e in events if e["event"] == "promote" and e["node"] == new]
+        if not promoted:
+            return None
+        demoted = [e["t"] for e in events if e["event"] == "demote" and e["node"] == old and e["t"] <= promoted[-1]]
+        return promoted[-1] - demoted[-1] if demoted else None
+
     def holder(self) -> str | None:
         cluster = self._cluster()
-        if time.monotonic() < self._observing_until:
-            return None
         now = time.monotonic()
         acting = [t.node.partition("#")[0] for t in self._tenures() if t.end >= now]
         leader = acting[0] if len(acting) == 1 else None
         if leader is None or not all(a.alive for a in cluster.agents.values()):
             return None
-        roles = {node: agent.status().get("role") for node, agent in cluster.agents.items()}
-        return leader if roles == {leader: "primary", other(leader): "standby"} else None
+        statuses = {node: agent.status() for node, agent in cluster.agents.items()}
+        if {node: s.get("role") for node, s in statuses.items()} != {leader: "primary", other(leader): "standby"}:
+            return None
+        # The standby could take over at once: healthy, and connected for a lease (a node that just (re)connected
+        # observes a full lease before it may claim); an agent's start-up takes seconds on a loaded machine.
+        standby = statuses[other(leader)]
+        key = f"{other(leader)}#{standby.get('incarnation')}"
+        if not (standby.get("eligible") and standby.get("connected")):
+            self._ready_since.pop(key, None)
+            return None
+        since = self._ready_since.setdefault(key, now)
+        return leader if now - since >= PRODUCTION["lease_duration"] else None
 
     def supports(self, fault: Fault) -> bool:
         return True
 
     def inject(self, fault: Fault, node: str) -> None:
         cluster = self._cluster()
+        self._ready_since.clear()  # observed again once the fault is lifted
         match fault:
             case Fault.KILL:
                 events = cluster.agents[node].events()
@@ -434,11 +505,10 @@ class HasyncPair:
         cluster = self._cluster()
         match fault:
             case Fault.KILL:
-                # A (re)connected node claims, even on a will, only after observing for a lease: the pair is
-                # steady once that is over (the quiet period counts from here, and a start can take seconds).
+                # A (re)connected node claims, even on a will, only after observing for a lease: holder() counts
+                # the pair steady once the restarted standby has been connected and eligible that long.
                 agent = cluster.agents[node].start()
                 wait_until(lambda: agent.status().get("connected"), FAILOVER_TIMEOUT, f"{node} to connect")
-                self._observing_until = time.monotonic() + PRODUCTION["lease_duration"]
             case Fault.STOP:
                 cluster.agents[node].signal(signal.SIGCONT)
             case Fault.LINK:
@@ -483,7 +553,26 @@ vrrp_instance HA {{
     track_script {{
         chk_ha
     }}
-}}
+{notify}}}
+"""
+# dnsmasq on the master only, as keepalived users do it: notify scripts on each state change. Not the seed's (it
+# ran no dnsmasq); the rest of the configuration above is.
+KEEPALIVED_NOTIFY = """\
+    notify_master "{script} master"
+    notify_backup "{script} backup"
+    notify_fault "{script} fault"
+    notify_stop "{script} stop"
+"""
+# The notify script: `systemctl start dnsmasq` on master, `systemctl stop dnsmasq` otherwise; there is no systemd
+# in the namespaces, so it starts and stops dnsmasq by pidfile exactly as the recipe's hook script does for hasync
+# (the same script, run here with the arguments it takes from hasync).
+NOTIFY_SCRIPT = """\
+#!/bin/sh
+case "$1" in
+  master) export HASYNC_EVENT=promote HASYNC_TERM=vrrp ;;
+  *) export HASYNC_EVENT=demote HASYNC_REASON="keepalived $1" ;;
+esac
+{hook}
 """
 ADVERT_INT = 1.0
 
@@ -498,9 +587,12 @@ def keepalived_binary() -> str | None:
 class KeepalivedPair:
     """Debian's keepalived on each node with the seed's configuration: VRRP (multicast, the default, to
     224.0.0.18 over the bridge), ``advert_int 1``, n1 ``state MASTER`` priority 150 and n2 ``BACKUP`` 100
-    (so n1 preempts back), a ``vrrp_script`` curling the local HA stand-in, ``track_script``."""
+    (so n1 preempts back), a ``vrrp_script`` curling the local HA stand-in, ``track_script``, the IPv4
+    floating IP only; and dnsmasq started by ``notify_master``, stopped by ``notify_backup``, ``notify_fault``
+    and ``notify_stop``."""
 
     name = "keepalived"
+    probes: tuple[str, ...] = ("http", "dns", "dhcp")
 
     def __init__(self, home: Home) -> None:
         binary = keepalived_binary()
@@ -509,15 +601,26 @@ class KeepalivedPair:
         self.binary = binary
         self.home = home
         self.quiet = 3 * ADVERT_INT + 1.0  # a restarted master preempts, the backup's master-down timer runs out
-        self.workdir = home.workdir / "keepalived"
+        self.ips: tuple[str, ...] = (home.vips.v4,)
+        self.workdir = home.workdir / f"keepalived-{secrets.token_hex(3)}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.pidfiles: list[Path] = []
 
     def _config(self, node: str) -> Path:
+        """Written once per pair: a restarted keepalived reads the same files."""
         path = self.workdir / f"{node}.conf"
-        path.write_text(KEEPALIVED_CONF.format(node=node, port=HA_PORT, vip=self.home.vip,
+        if path.exists():
+            return path
+        conf, pidfile = self.home.dnsmasq(self.workdir / f"dnsmasq-{node}", node)
+        self.pidfiles.append(pidfile)
+        script = self.workdir / f"{node}-notify.sh"
+        script.write_text(NOTIFY_SCRIPT.format(hook=dnsmasq.hook(conf, pidfile)))
+        script.chmod(0o755)
+        path.write_text(KEEPALIVED_CONF.format(node=node, port=HA_PORT, vip=self.home.vips.v4,
                                                state="MASTER" if node == NODES[0] else "BACKUP",
-                                               priority=150 if node == NODES[0] else 100))
+                                               priority=150 if node == NODES[0] else 100,
+                                               notify=KEEPALIVED_NOTIFY.format(script=script)))
         return path
 
     def _start(self, node: str) -> None:
@@ -556,6 +659,8 @@ class KeepalivedPair:
     def close(self) -> None:
         for node in NODES:
             self._stop(node)
+        for pidfile in self.pidfiles:  # one a killed keepalived left behind
+            dnsmasq.kill(pidfile)
 
     def holder(self) -> str | None:
         alive = all(p.poll() is None for p in self.processes.values())
@@ -604,31 +709,47 @@ class KeepalivedPair:
 
 
 @dataclass(frozen=True)
+class Vips:
+    """The floating IPs: IPv4 (in the LAN's /24) and IPv6 (in a ULA /64 of the LAN's own)."""
+
+    v4: str
+    v6: str
+
+    @property
+    def both(self) -> tuple[str, str]:
+        return self.v4, self.v6
+
+
+@dataclass(frozen=True)
 class Sample:
-    """One fault, end to end. Seconds; ``arp`` is None if the client's entry did not change to the new
-    holder's MAC within the window (or the holder stayed the same, after a broker restart)."""
+    """One fault, end to end. Seconds. ``outage`` and ``restore_outage`` per client probe the system serves
+    (http, http6, dns, dhcp); ``two_holders`` and ``moved`` per floating IP it moves (by family: ipv4, ipv6);
+    ``moved``: fault → the client's neighbour entry (ARP, IPv6 neighbour) on the new holder's MAC, None if it did
+    not move within the window (or the holder stayed the same, after a broker restart)."""
 
     system: str
     fault: Fault
+    at: float  # the fault's time (time.monotonic())
     old: str
     new: str
-    failover: float  # fault → the first answer from the new holder (once it holds the address) arrived
-    outage: float  # the longest run of failed requests the fault caused (0: none failed)
-    restore_outage: float  # the same, once the fault was lifted, until steady again
-    two_holders: float  # both nodes had the floating IP configured (fault → steady again)
-    both_answered: float  # the new holder's first answer → the old one's last answer after it, until lifted
-    arp: float | None  # fault → the client's ARP entry on the new holder's MAC
+    failover: float  # fault → the first HTTP answer from the new holder (once it holds the address) arrived
+    lifted: float  # fault → the fault lifted (the new holder answered every probe, then ``hold`` passed)
+    outage: dict[str, float]  # the longest run of failed attempts the fault caused (0: none failed), per probe
+    restore_outage: dict[str, float]  # the same, once the fault was lifted, until steady again
+    two_holders: dict[str, float]  # both nodes had the floating IP configured (fault → steady again)
+    two_dhcp: Doubles  # DHCP exchanges that two servers answered (fault → steady again)
+    both_answered: float  # HTTP: the new holder's first answer → the old one's last answer after it, until lifted
+    moved: dict[str, float | None]
     final: str  # the holder once steady again
+
+
+def family(ip: str) -> str:
+    return "ipv6" if ":" in ip else "ipv4"
 
 
 def unavailable() -> str | None:
     """Why the home cannot be built here, or None."""
-    why = netns.available()
-    if why is not None:
-        return why
-    if mosquitto_binary() is None:
-        return "mosquitto is not installed"
-    return None
+    return dnsmasq.missing()
 
 
 class Home:
@@ -643,8 +764,9 @@ class Home:
         self.probe_interval = probe_interval
         self._stack = contextlib.ExitStack()
         self._cuts: dict[str, list[list[str]]] = {}
+        self._pidfiles: list[Path] = []
         self.lan = netns.Lan([*NODES, "broker", "client"])
-        self.vip = ""
+        self.vips = Vips("", "")
         self.macs: dict[str, str] = {}
         self.monitors: dict[str, AddressMonitor] = {}
 
@@ -664,12 +786,16 @@ class Home:
         for node in list(self._cuts):
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 self.heal(node)
+        for pidfile in self._pidfiles:
+            dnsmasq.kill(pidfile)
         self._stack.close()
 
     def _build(self) -> None:
         lan = self._stack.enter_context(self.lan)
-        third = lan.gateway.split(".")[2]
-        self.vip = f"10.213.{third}.{VIP_HOST}"
+        third = int(lan.gateway.split(".")[2])
+        self.vips = Vips(f"10.213.{third}.{VIP_HOST}", f"fd00:213:{third:x}::{VIP_HOST}")
+        # The client needs an address in the IPv6 floating IP's prefix to reach it (the nodes get theirs with it).
+        lan.run_in("client", "ip", "addr", "add", f"fd00:213:{third:x}::{CLIENT_HOST}/64", "dev", "eth0", "nodad")
         self.broker = NamespacedMosquitto(self.workdir / "broker", lan, "broker")
         self.broker.start()
         self._stack.callback(self.broker.stop)
@@ -685,15 +811,24 @@ class Home:
                                  self.workdir / f"standin-{node}.log").start()
             self._stack.callback(standin.close)
             wait_until(ready.is_set, 15, f"the HA stand-in on {node}")
-            monitor = AddressMonitor(lan, node, self.vip, self.workdir)
+            monitor = AddressMonitor(lan, node, self.vips.both, self.workdir)
             self._stack.callback(monitor.close)
             self.monitors[node] = monitor.start()
-        self.neighbour = NeighbourMonitor(lan, "client", self.vip, self.workdir)
+        self.neighbour = NeighbourMonitor(lan, "client", self.vips.both, self.workdir)
         self._stack.callback(self.neighbour.close)
         self.neighbour.start()
-        self.client = Client(lan, "client", self.vip, self.workdir, self.probe_interval)
+        self.client = Client(lan, "client", self.vips, self.workdir, self.probe_interval)
         self._stack.callback(self.client.close)
         self.client.start()
+
+    def dnsmasq(self, directory: Path, node: str) -> tuple[Path, Path]:
+        """A dnsmasq configuration for ``node`` in ``directory``: (its file, the pidfile its dnsmasq will write).
+        A dnsmasq still running when the home closes is killed."""
+        directory.mkdir(parents=True, exist_ok=True)
+        conf, pidfile = directory / "dnsmasq.conf", directory / "dnsmasq.pid"
+        dnsmasq.write_config(conf, self.lan, node, self.vips.v4)
+        self._pidfiles.append(pidfile)
+        return conf, pidfile
 
     # ---- network faults, undone by close() whatever happens ----
 
@@ -714,9 +849,13 @@ class Home:
 
     # ---- measuring ----
 
+    def holding(self, system: System) -> list[str]:
+        """The nodes that hold any of the system's floating IPs."""
+        return [n for n, m in self.monitors.items() if any(m.holds(ip) for ip in system.ips)]
+
     def steady(self, system: System, since: float, timeout: float = STEADY_TIMEOUT) -> str:
-        """Wait until the pair is steady (``system.quiet`` after ``since``): one node holds the floating IP, the
-        other does not, and the client's last answers all came from it."""
+        """Wait until the pair is steady (``system.quiet`` after ``since``): one node holds the floating IPs, the
+        other none, and the client's last answers (HTTP, DNS, DHCP) all came from it alone."""
 
         missing = ["the quiet period"]
 
@@ -725,21 +864,30 @@ class Home:
             if now - since < system.quiet:
                 return None
             holder = system.holder()
-            last = sorted(self.client.attempts[-3:], key=lambda a: a.start)
-            missing[:] = [f"holder {holder}, holding {[n for n, m in self.monitors.items() if m.holds()]}, "
-                          f"client's ARP entry {neighbour(self.lan, 'client', self.vip)} (MACs {self.macs}), "
+            last = {p: max((a for a in self.client.attempts[-200:] if a.probe == p), key=lambda a: a.start,
+                           default=None) for p in system.probes}
+            missing[:] = [f"holder {holder}, holding {self.holding(system)}, client's neighbour entries "
+                          f"{ {ip: neighbour(self.lan, 'client', ip) for ip in system.ips} } (MACs {self.macs}), "
                           f"last answers {last}"]
-            if holder is None or not self.monitors[holder].holds() or self.monitors[other(holder)].holds():
+            if holder is None or not all(self.monitors[holder].holds(ip) for ip in system.ips) \
+                    or self.holding(system) != [holder]:
                 return None
             # Not the client's ARP entry: the nodes forward (net.ipv4.ip_forward is 1 in new namespaces here,
             # as on a Home Assistant host with Docker), so after keepalived's split heals the client may keep
             # the backup's MAC for good, the backup passing its requests on to the master.
-            return holder if self.client.answering(holder, now) else None
+            return holder if self.client.answering(holder, now, system.probes) else None
 
         try:
             return wait_until(check, timeout, f"{system.name} to be steady", step=0.05)
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {missing[0]}") from None
+
+    def _serves(self, system: System, node: str, since: float) -> bool:
+        """``node`` holds the floating IPs and has answered every client probe since ``since`` (DHCP: offered)."""
+        attempts = list(self.client.attempts)
+        return (all(self.monitors[node].added_after(ip, since) for ip in system.ips)
+                and all(any(a.ok and a.end >= since and (a.who == node or node in a.servers)
+                            for a in attempts if a.probe == probe) for probe in system.probes))
 
     def measure(self, system: System, fault: Fault) -> Sample:
         old = self.steady(system, 0.0)
@@ -749,10 +897,9 @@ class Home:
         if fault == Fault.BROKER:  # restarted at once: whoever the election picks takes it, maybe the same node
             new = self.steady(system, t_fault)
         else:
-            wait_until(lambda: self.monitors[new].added_after(t_fault)
-                       and answered_by(self.client.attempts, new, t_fault), FAILOVER_TIMEOUT,
-                       f"{new} to answer the client for the floating IP ({system.name}, {fault})", step=0.01)
-        added = self.monitors[new].added_after(t_fault)
+            wait_until(lambda: self._serves(system, new, t_fault), FAILOVER_TIMEOUT,
+                       f"{new} to answer the client for the floating IPs ({system.name}, {fault})", step=0.01)
+        added = self.monitors[new].added_after(self.vips.v4, t_fault)
         # (From its add only when the same node may hold it again: a monitor's stamp can come after the first
         # answer that address gave.)
         over = answered_by(self.client.attempts, new, added if added is not None and new == old else t_fault)
@@ -765,17 +912,43 @@ class Home:
         final = self.steady(system, t_restore)
         t_end = time.monotonic()
         attempts = list(self.client.attempts)
-        runs = outages(attempts, t_fault, t_end)
-        switched = self.neighbour.switched_to(self.macs[new], t_fault)
+
+        def longest(probe: str, t0: float, t1: float) -> float:
+            runs = [o for o in outages(attempts, t_fault, t_end, probe) if t0 <= o.start < t1]
+            return max((o.seconds(t_end) for o in runs), default=0.0)
+
+        first, second = (self.monitors[n] for n in NODES)
         return Sample(
-            system=system.name, fault=fault, old=old, new=new, failover=over - t_fault,
-            outage=max((o.seconds(t_end) for o in runs if o.start < t_restore), default=0.0),
-            restore_outage=max((o.seconds(t_end) for o in runs if o.start >= t_restore), default=0.0),
-            two_holders=two_holders(self.monitors[NODES[0]].changes, self.monitors[NODES[1]].changes,
-                                    t_fault, t_end),
+            system=system.name, fault=fault, at=t_fault, old=old, new=new, failover=over - t_fault,
+            lifted=t_restore - t_fault,
+            outage={p: longest(p, float("-inf"), t_restore) for p in system.probes},
+            restore_outage={p: longest(p, t_restore, float("inf")) for p in system.probes},
+            two_holders={family(ip): two_holders(first.changes[ip], second.changes[ip], t_fault, t_end)
+                         for ip in system.ips},
+            two_dhcp=two_servers(attempts, t_fault, t_end),
             both_answered=0.0 if new == old else both_answered(attempts, old, new, t0=t_fault, t1=t_restore),
-            arp=None if switched is None else switched - t_fault,
+            moved={family(ip): None if (t := self.neighbour.switched_to(ip, self.macs[new], t_fault)) is None
+                   else t - t_fault for ip in system.ips},
             final=final)
+
+    def changes(self, since: float) -> str:
+        """What the observers saw since ``since`` (seconds after it): each node's floating IPs, the client's
+        neighbour entries for them, the client's failed attempts per probe (first, last, how many, the last
+        error): for a run whose figures need explaining."""
+        lines = []
+        names: dict[str | None, str | None] = {m: n for n, m in self.macs.items()}
+        for ip in self.vips.both:
+            for node, monitor in self.monitors.items():
+                held = [(round(t - since, 3), h) for t, h in monitor.changes[ip] if t >= since]
+                lines.append(f"{ip} on {node}: {held}")
+            entry = [(round(t - since, 3), names.get(m, m)) for t, m in self.neighbour.changes[ip] if t >= since]
+            lines.append(f"{ip} client's entry: {entry}")
+        for probe in STEADY_ANSWERS:
+            failed = [a for a in self.client.attempts if a.probe == probe and not a.ok and a.start >= since]
+            if failed:
+                lines.append(f"{probe}: {len(failed)} failed from {failed[0].start - since:.3f} to "
+                             f"{failed[-1].start - since:.3f}, last: {failed[-1].error}")
+        return "\n".join(lines)
 
     def logs(self, system: System | None = None) -> str:
         parts = [system.logs()] if system is not None else []

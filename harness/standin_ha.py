@@ -1,15 +1,24 @@
 """A stand-in for Home Assistant in a node's network namespace: ``python -m harness.standin_ha NODE``
-answers every GET on port 8123, on all addresses, with the node's name (so a client of the floating IP
+answers every GET on port 8123, on all addresses (IPv4 and IPv6), with the node's name (so a client of the floating IP
 knows which node answered). It prints ``READY`` once listening and runs until SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PORT = 8123
+
+
+class DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 clients too, as mapped addresses
+        super().server_bind()
 
 
 def serve(node: str, port: int) -> None:
@@ -26,7 +35,7 @@ def serve(node: str, port: int) -> None:
         def log_message(self, format: str, *args: object) -> None:
             pass  # one line per request, 40 a second: nobody reads them
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)  # all addresses: the floating IP too
+    server = DualStackServer(("::", port), Handler)  # all addresses: the floating IPs too
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print("READY", flush=True)

@@ -3,11 +3,13 @@
 The client's attempts (harness.homeprobe) give the outage: the time between two answers' arrivals during
 which requests failed (attempts start on a fixed schedule, so the resolution is the probe's interval).
 The address monitors give, per node, when it held the floating IP; two nodes' holding intervals
-intersected are the two-holder time.
+intersected are the two-holder time. The DHCP probe's attempts each say which servers offered an address:
+runs of attempts that two servers answered are the two-DHCP-server time.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ class Attempt:
     ok: bool
     who: str | None = None
     error: str | None = None
+    servers: tuple[str, ...] = ()  # DHCP: every server that offered
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,20 @@ def two_holders(first: Sequence[tuple[float, bool]], second: Sequence[tuple[floa
                 t1: float) -> float:
     """Seconds within [t0, t1] during which both nodes held the address."""
     return sum(b - a for a, b in intersect(held(first, t0, t1), held(second, t0, t1)))
+
+
+@dataclass(frozen=True)
+class Doubles:
+    """Attempts answered by two servers or more: how many, and the seconds their runs spanned."""
+
+    count: int
+    seconds: float
+
+
+def two_servers(attempts: Iterable[Attempt], t0: float, t1: float, probe: str = "dhcp") -> Doubles:
+    """The attempts started within [t0, t1] that more than one server answered; a run of them (in order of start,
+    none answered by one server or none in between) spans from its first one's start to its last one's end. The
+    resolution is the probe's interval: two servers for less than that may fall between two attempts."""
+    mine = sorted((a for a in attempts if a.probe == probe and t0 <= a.start <= t1), key=lambda a: a.start)
+    runs = [list(run) for double, run in itertools.groupby(mine, key=lambda a: len(set(a.servers)) > 1) if double]
+    return Doubles(sum(map(len, runs)), sum(run[-1].end - run[0].start for run in runs))

@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves the repository root out
     sys.path.insert(0, str(ROOT))
 
+from bench.home import holders_table, outage_table, verdicts  # noqa: E402
 from bench.registry import SCENARIOS, Context  # noqa: E402
 from bench.report import Row, Target, fmt, table  # noqa: E402
 from bench.stats import Summary, percentile  # noqa: E402
+from harness.home import Fault, Sample  # noqa: E402
+from harness.timeline import Doubles  # noqa: E402
 
 
 def test_percentile_interpolates_linearly_between_ranks() -> None:
@@ -170,3 +173,34 @@ def test_footprint_counts_each_message_for_the_node_that_published_it() -> None:
     assert [publisher(t, topic, "n1") for topic in (
         t.lease, t.leader, t.heartbeat("n2"), t.primary_state("n3"), t.sync_marker("n2"), t.entity("light.a"),
         "elsewhere/x")] == ["n1", "n1", "n2", "n3", "n2", "n1", None]
+
+
+def home_sample(system: str, fault: str, *, http: float = 0.0, dns: float = 0.0, holders: float = 0.0,
+                dhcp_twice: int = 0) -> Sample:
+    six = system != "keepalived"
+    probes = {"http": http, "dns": dns, "dhcp": 0.0, **({"http6": http} if six else {})}
+    families = ("ipv4", "ipv6") if six else ("ipv4",)
+    return Sample(system=system, fault=Fault(fault), at=0.0, old="n1", new="n2", failover=0.05, lifted=1.2,
+                  outage=probes, restore_outage=dict.fromkeys(probes, 0.0),
+                  two_holders=dict.fromkeys(families, holders), two_dhcp=Doubles(dhcp_twice, 0.2 * dhcp_twice),
+                  both_answered=0.0,
+                  moved=dict.fromkeys(families, 0.03), final="n2")
+
+
+def test_the_home_verdicts_hold_every_probe_and_double_holder_to_the_issues_targets() -> None:
+    keepalived = [home_sample("keepalived", "kill", dns=0.1, holders=1.0, dhcp_twice=10)]
+    ours = [home_sample("hasync-fenced", "kill", dns=0.1, holders=1.8, dhcp_twice=15)]
+    target, verdict = verdicts(Fault.KILL, ours, keepalived)
+    assert "HTTP IPv4 met" in verdict and "DNS **MISSED**" in verdict  # 0 / 0 is met, 0.1 / 0.1 is not ≤ 0.1
+    assert "HTTP IPv6" not in target  # keepalived moves no IPv6 address: nothing to compare
+    assert "two holders" not in target  # a target of STOP and LINK only
+
+    stopped = [home_sample("keepalived", "stop", holders=1.0, dhcp_twice=10)]
+    frozen = [home_sample("hasync-fenced", "stop", holders=1.0, dhcp_twice=0)]
+    _, verdict = verdicts(Fault.STOP, frozen, stopped)
+    assert "two holders **MISSED**" in verdict and "two DHCP servers met" in verdict
+
+    samples = {("hasync-fenced", Fault.KILL): ours, ("keepalived", Fault.KILL): keepalived}
+    outages, holders = outage_table(samples), holders_table(samples)
+    assert outages.count("| kill:") == 2 and "| keepalived | 1 | 0 / 0 / 0 | n/a | 100 / 100 / 100 |" in outages
+    assert "| kill | hasync, fenced | 1,800 / 1,800 / 1,800 | 1,800 / 1,800 / 1,800 | 1/1 runs, 15 exchanges" in holders

@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,14 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import netns
+from harness import dnsmasq, netns
 from harness.agents import Cluster, checked_cluster
-from harness.brokers import MosquittoProcess, mosquitto_binary
+from harness.brokers import MosquittoProcess
 from harness.wait import free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 
-RECIPE = Path(__file__).resolve().parent.parent / "examples" / "dnsmasq" / "dnsmasq.sh"
 NODES = {"n1": 200, "n2": 150}
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,12 +48,7 @@ class Home:
         return self.vip in {f"{a['local']}/{a['prefixlen']}" for link in out for a in link["addr_info"]}
 
     def serving(self, node: str) -> bool:
-        """Its dnsmasq is running (pid namespaces are shared: the test sees the process)."""
-        try:
-            os.kill(int(self.pidfiles[node].read_text()), 0)
-        except (OSError, ValueError):
-            return False
-        return True
+        return dnsmasq.running(self.pidfiles[node])
 
     def dns(self, server: str, name: str = "whoami.test") -> str | None:
         """The client's question to ``server``: whoami.test is each node's own address in its dnsmasq."""
@@ -81,36 +74,13 @@ class Home:
         return (time.monotonic(), self.holds("n1"), self.holds("n2"), self.serving("n1"), self.serving("n2"))
 
 
-def missing() -> str | None:
-    why = netns.available()
-    if why is not None:
-        return why
-    for tool, package in (("mosquitto", "mosquitto"), ("dnsmasq", "dnsmasq-base"), ("busybox", "busybox")):
-        if (mosquitto_binary() if tool == "mosquitto" else shutil.which(tool)) is None:
-            return f"{tool} is not installed (Debian: {package})"
-    return None
-
-
-def dnsmasq_conf(path: Path, node: str, lan: netns.Lan, vip_ip: str) -> None:
-    third = lan.gateway.split(".")[2]
-    path.write_text("\n".join([
-        "interface=eth0", "except-interface=lo", "no-resolv", "no-hosts", "user=root",
-        f"log-facility={path.parent / 'dnsmasq.log'}",
-        f"dhcp-range=10.213.{third}.100,10.213.{third}.150,255.255.255.0,2m",
-        f"dhcp-option=option:dns-server,{vip_ip}",
-        f"dhcp-leasefile={path.parent / 'leases'}", "dhcp-authoritative",
-        f"address=/whoami.test/{lan.addresses[node]}",
-        "no-ping",  # (dnsmasq pings an address before offering it: seconds per exchange, and the client asks often)
-    ]) + "\n")
-
-
 @contextlib.contextmanager
 def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, *, broken: str | None = None,
          dns_check: bool = False, **settings: object) -> Iterator[Home]:
     """n1 (best) and n2 running the recipe; yields once n1 holds the floating IP and serves (``broken``: that
     node's dnsmasq.conf does not parse, and the test waits for nothing; ``dns_check``: each node asks its own
     dnsmasq, on the primary only, as examples/dnsmasq/hasync.yaml does)."""
-    why = missing()
+    why = dnsmasq.missing()
     if why is not None:
         pytest.skip(why)
     with netns.Lan([*NODES, "client"], forward=True) as lan:
@@ -125,11 +95,10 @@ def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, *, broken: str 
                 for node, priority in NODES.items():
                     (tmp_path / node).mkdir()
                     conf = tmp_path / node / "dnsmasq.conf"
-                    dnsmasq_conf(conf, node, lan, vip.split("/", maxsplit=1)[0])
+                    dnsmasq.write_config(conf, lan, node, vip.split("/", maxsplit=1)[0])
                     if node == broken:
                         conf.write_text(conf.read_text() + "no-such-option\n")
-                    hook = (f"DNSMASQ_CONTROL=pidfile DNSMASQ_CONF={conf} DNSMASQ_PIDFILE={pidfiles[node]} "
-                            f"/bin/sh {RECIPE}")
+                    hook = dnsmasq.hook(conf, pidfiles[node])
                     checks = [{"name": "dnsmasq-answers", "type": "dns", "server": lan.addresses[node],
                                "query": "whoami.test", "expect": [lan.addresses[node]], "when": "primary",
                                "interval": 0.5, "timeout": 0.5, "fall": 2}] if dns_check else []
@@ -147,8 +116,7 @@ def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, *, broken: str 
                 yield h
             finally:
                 for pidfile in pidfiles.values():  # a dnsmasq an agent left behind (kill -9, a failed test)
-                    with contextlib.suppress(OSError, ValueError):
-                        os.kill(int(pidfile.read_text()), 9)
+                    dnsmasq.kill(pidfile)
 
 
 def test_only_the_primary_serves_and_after_a_kill_9_the_other_does(tmp_path: Path, topic_prefix: str) -> None:

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from harness.timeline import Attempt, answered_by, both_answered, held, longest_outage, outages, two_holders
+import pytest
+
+from harness.timeline import (
+    Attempt,
+    Doubles,
+    answered_by,
+    both_answered,
+    held,
+    longest_outage,
+    outages,
+    two_holders,
+    two_servers,
+)
 
 
 def ok(start: float, who: str = "n1", took: float = 0.002) -> Attempt:
@@ -63,3 +75,21 @@ def test_two_holders_is_the_intersection() -> None:
     second = [(0.0, False), (1.5, True)]  # the new one took it at 1.5
     assert two_holders(first, second, 0.0, 5.0) == 0.5
     assert two_holders(first, [(0.0, False), (2.5, True)], 0.0, 5.0) == 0.0
+
+
+def dhcp(start: float, *servers: str, took: float = 0.2) -> Attempt:
+    return Attempt("dhcp", start, start + took, bool(servers), servers[0] if servers else None, None, servers)
+
+
+def test_two_servers_counts_the_exchanges_two_servers_answered_and_spans_their_runs() -> None:
+    attempts = [dhcp(0.0, "n1"), dhcp(0.1, "n1", "n2"), dhcp(0.2, "n2", "n1"), dhcp(0.3, "n2"),
+                dhcp(0.4), dhcp(0.5, "n1", "n2"), dhcp(0.6, "n2"), ok(0.15), ok(0.45)]
+    found = two_servers(attempts, 0.0, 1.0)
+    assert found.count == 3
+    assert found.seconds == pytest.approx((0.4 - 0.1) + (0.7 - 0.5))  # a run ends at its last one's answer
+
+
+def test_two_servers_outside_the_window_or_from_one_server_twice_do_not_count() -> None:
+    attempts = [dhcp(0.0, "n1", "n2"), dhcp(0.1, "n1", "n1"), dhcp(2.0, "n1", "n2")]
+    assert two_servers(attempts, 0.05, 1.0) == Doubles(0, 0)
+    assert two_servers([], 0.0, 1.0) == Doubles(0, 0)

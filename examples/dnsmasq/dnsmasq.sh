@@ -28,11 +28,17 @@ case "$CONTROL" in
   *) echo "DNSMASQ_CONTROL must be systemd or pidfile, not '$CONTROL'" >&2; exit 2 ;;
 esac
 
+# The process runs (a zombie does not: dnsmasq forks into the background, and until whatever adopted it reaps it,
+# which a container's init may do late or never, kill -0 still finds an exited dnsmasq).
+alive() {
+  kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //; s/ .*//' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
 running() {
   if [ "$CONTROL" = systemd ]; then
     systemctl is-active --quiet "$UNIT"
   else
-    [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+    [ -s "$PIDFILE" ] && alive "$(cat "$PIDFILE")"
   fi
 }
 
@@ -62,9 +68,9 @@ stop() {
     pid=$(cat "$PIDFILE")
     kill "$pid" 2>/dev/null || true
     i=0
-    while kill -0 "$pid" 2>/dev/null; do  # gone before the release lets the next primary start its own
-      i=$((i + 1)); [ "$i" -le 50 ] || { kill -9 "$pid" 2>/dev/null || true; break; }
-      sleep 0.1
+    while alive "$pid"; do  # gone before the release lets the next primary start its own
+      i=$((i + 1)); [ "$i" -le 100 ] || { kill -9 "$pid" 2>/dev/null || true; break; }
+      sleep 0.05
     done
     rm -f "$PIDFILE"
   fi
