@@ -216,3 +216,12 @@ def test_no_command_from_the_network_raises_and_every_call_carries_plain_finite_
             return isinstance(value, str | int | bool)
 
         assert all(plain(v) for v in result.data.values()), result
+
+
+def test_a_light_state_with_numbers_that_are_not_finite_leaves_them_out() -> None:
+    # Found by the fuzz above: int() of a NaN or an infinity in the hub's attributes raised.
+    for bad in (math.nan, math.inf, -math.inf, True):
+        out = json.loads(state_payload("light.l", "on", {"brightness": bad, "color_mode": "color_temp",
+                                                          "color_temp": bad}), parse_constant=pytest.fail)
+        assert "brightness" not in out and "color_temp" not in out, bad
+    assert json.loads(state_payload("light.l", "on", {"brightness": 127.6}))["brightness"] == 127

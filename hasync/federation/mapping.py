@@ -128,13 +128,13 @@ def _light_state(state: str, a: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"state": _ON if state == "on" else _OFF, "available": state != "unavailable"}
     if state != "on":
         return out
-    if isinstance(a.get("brightness"), int | float):
-        out["brightness"] = int(a["brightness"])
+    if (brightness := _whole(a.get("brightness"))) is not None:
+        out["brightness"] = brightness
     mode = a.get("color_mode")
     if isinstance(mode, str):
         out["color_mode"] = mode
-    if mode == "color_temp" and isinstance(a.get("color_temp"), int | float):
-        out["color_temp"] = int(a["color_temp"])
+    if mode == "color_temp" and (color_temp := _whole(a.get("color_temp"))) is not None:
+        out["color_temp"] = color_temp
     for key, name in (("hs_color", "hs"), ("rgb_color", "rgb"), ("xy_color", "xy")):
         value = a.get(key)
         if mode == name and isinstance(value, list | tuple) and len(value) >= 2:
@@ -143,6 +143,14 @@ def _light_state(state: str, a: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(a.get("effect"), str):
         out["effect"] = a["effect"]
     return out
+
+
+def _whole(value: Any) -> int | None:
+    """A number of an attribute as a whole number, None if it is not a finite number (a NaN or an infinity
+    in the hub's attributes, which int() would raise on)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return int(value)
 
 
 _NOT_AN_EVENT = frozenset({"unavailable", "unknown", ""})
