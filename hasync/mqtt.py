@@ -277,6 +277,20 @@ async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None, *
         raise _translate(exc) from exc
     except OSError as exc:
         raise ConnectionLost(str(exc)) from exc
+    raise_lost_cancellation()
+
+
+def raise_lost_cancellation() -> None:
+    """Raise the current task's cancellation again if something swallowed it.
+
+    aiomqtt's clean disconnect awaits the broker's goodbye through ``asyncio.wait_for``, which on Python 3.11
+    returns the result instead of raising when the task is cancelled in the same turn as the awaited future
+    completes (CPython gh-86296, fixed in 3.12). A task cancelled then ran on: the agent's federation
+    exporter, cancelled at shutdown just as its session closed, went back to waiting for the next promotion
+    and the agent never exited."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def no_delay(client: aiomqtt.Client) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from harness.brokers import BrokerProcess
 from hasync.config import BrokerConfig
-from hasync.mqtt import READ_SIZE, WRITE_SIZE, _BufferedReads, _write_queued, connect
+from hasync.mqtt import READ_SIZE, WRITE_SIZE, _BufferedReads, _write_queued, connect, raise_lost_cancellation
 from hasync.transport import Incoming
 
 # ---- reads --------------------------------------------------------------------------------------
@@ -194,3 +194,28 @@ async def test_the_message_stream_ends_when_the_broker_goes(broker: BrokerProces
             async with asyncio.timeout(30):
                 async for _ in session.messages():
                     pass
+
+
+async def test_a_cancellation_that_wait_for_swallowed_is_raised_again() -> None:
+    # The race of CPython gh-86296 (Python 3.11's wait_for), as aiomqtt's disconnect meets it: the awaited
+    # future completes and the task is cancelled in the same turn of the loop.
+    loop = asyncio.get_running_loop()
+
+    async def closing() -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        goodbye: asyncio.Future[None] = loop.create_future()
+
+        def both() -> None:
+            goodbye.set_result(None)
+            task.cancel()
+
+        loop.call_soon(both)
+        await asyncio.wait_for(goodbye, timeout=10)  # Python 3.12 and later raise here themselves
+        raise_lost_cancellation()
+        return "ran on after its cancellation"
+
+    task = asyncio.ensure_future(closing())
+    with pytest.raises(asyncio.CancelledError):
+        print(await task)
+    assert task.cancelled()
