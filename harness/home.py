@@ -403,7 +403,7 @@ class HasyncPair:
                 http={"host": address}, log={"level": "INFO"},
                 vip=[{"address": f"{home.vips.v4}/24", "interface": "eth0", "on_broker_loss": self.broker_loss},
                      {"address": f"{home.vips.v6}/64", "interface": "eth0", "on_broker_loss": self.broker_loss}],
-                hooks={"promote": hook, "demote": hook, "on_broker_loss": self.broker_loss,
+                hooks={"promote": hook, "demote": hook, "fence": hook, "on_broker_loss": self.broker_loss,
                        "on_promote_failure": "handover", "timeout": 30},
                 health_checks=[
                     {"name": "ha", "type": "http", "url": f"http://127.0.0.1:{HA_PORT}/"},

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Self
 from . import __version__, signing
 from . import heartbeat as heartbeats
 from .aio import Backoff, wait_or
-from .config import AgentConfig, HookEvent
+from .config import AgentConfig, BrokerLoss, HookEvent
 from .effects import EventLog, EventsFileError, RoleEffects
 from .election import (
     Action,
@@ -76,11 +77,12 @@ from .transport import AuthFailure, Connect, ConnectionLost, Incoming, MqttFailu
 if TYPE_CHECKING:
     from .config import FederationConfig, FederationRules
     from .federation.hub import Exporter
+    from .fence import Guardian
     from .homeassistant.link import HomeAssistantLink
     from .homeassistant.websocket import OpenWebSocket
     from .sync.backend import Backend
     from .sync.replica import Replica
-    from .vip import Announcer, FloatingIps, Guardian, Netlink
+    from .vip import Announcer, FloatingIps, Netlink
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,8 @@ class HookOutcome(enum.StrEnum):
 class Agent:
     exporter: Exporter | None = None  # a federation hub's: created with the Home Assistant link
     vip: FloatingIps | None = None  # the floating IPs, when configured
-    guardian: Guardian | None = None
+    guardian: Guardian | None = None  # with floating IPs (the real netlink) or a fence command
+    _fence_after = 0.0  # s past the acting deadline the guardian fences a stalled primary (hasync.fence)
 
     def __init__(
         self,
@@ -196,18 +199,25 @@ class Agent:
         self._promote_failed = False  # stepped down after a failed promote hook: Resume after one that works
 
     def _floating_ips(self, netlink: Netlink | None, announcer: Announcer | None) -> None:
-        """The floating IPs, if configured; and with the real netlink, the guardian, which removes them when this
-        process dies."""
-        if not self.config.vip:
-            return
-        from . import vip  # (pyroute2 only once it is used)
+        """The floating IPs, if configured; and the guardian, which removes them (with the real netlink) and runs
+        the fence command (``hooks.fence``) when this process dies or stalls as primary."""
+        cfg = self.config
+        guarded = cfg.vip if netlink is None else []
+        if cfg.vip:
+            from . import vip  # (pyroute2 only once it is used)
 
-        self.vip = vip.FloatingIps(self.config.vip, self.metrics, netlink=netlink or vip.PyRoute2Netlink(self.clock),
-                                   announcer=announcer or vip.RawAnnouncer(), clock=self.clock,
-                                   takeover_gap=self.config.takeover_after - self.config.election.renew_deadline,
-                                   on_fault=self._update_health)
-        if netlink is None:
-            self.guardian = vip.Guardian(self.config.vip, self.metrics)
+            self.vip = vip.FloatingIps(cfg.vip, self.metrics, netlink=netlink or vip.PyRoute2Netlink(self.clock),
+                                       announcer=announcer or vip.RawAnnouncer(), clock=self.clock,
+                                       takeover_gap=cfg.takeover_after - cfg.election.renew_deadline,
+                                       on_fault=self._update_health)
+        # (The guardian keeps CLOCK_MONOTONIC: a fence needs the agent on it, not on a test's virtual clock.)
+        if guarded or (cfg.hooks.fence is not None and self.clock is time.monotonic):
+            from .fence import Guardian, fence_after
+
+            self._fence_after = fence_after(cfg.election.renew_deadline, cfg.takeover_after)
+            self.guardian = Guardian(guarded, self.metrics, fence=cfg.hooks.fence, fence_timeout=cfg.hooks.timeout,
+                                     env={"HASYNC_NODE": self.node_id, "HASYNC_CLUSTER": cfg.cluster},
+                                     on_fenced=self._on_fenced)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -295,12 +305,12 @@ class Agent:
             self.http_port = http.port
             logger.info("HTTP endpoints on http://%s:%d (/healthz /role /metrics)", http.host, http.port)
         self.effects.starting()
+        # The guardian (its own task) is let go last: after the floating IPs are off and the hooks have run.
+        if self.guardian is not None:
+            stack.push_async_callback(self.guardian.close)
         if self.vip is not None:
             # Off every interface before this node can be elected (a previous run may have been killed as
-            # primary), and off again on the way out, whatever ends the agent (after the tasks stopped); the
-            # guardian (its own task) is let go after that (last in, first out).
-            if self.guardian is not None:
-                stack.push_async_callback(self.guardian.close)
+            # primary), and off again on the way out, whatever ends the agent (after the tasks stopped).
             stack.push_async_callback(self.vip.release)
             await self.vip.check()
         if cfg.maintenance:
@@ -527,8 +537,12 @@ class Agent:
         self._execute(self._handle(event))
         e = self.election
         now = self.clock()
-        if self.vip is not None and e.deadline is not None:
-            self.vip.extend(e.deadline)  # (a promotion or a renewal that came back: new lifetimes)
+        if e.deadline is not None:  # (a promotion or a renewal that came back)
+            if self.vip is not None:
+                self.vip.extend(e.deadline)  # new lifetimes
+            if self.guardian is not None:  # fence the hooks' services should this process stall past it
+                self.guardian.arm(math.inf if self.config.hooks.on_broker_loss is BrokerLoss.KEPT
+                                  else e.deadline + self._fence_after, e.term)
         if self.replica is not None:
             self.replica.set_leader_term(e.term)
         summary = (e.role, e.leader, e.term, e.eligible(now), e.healthy, e.maintenance, e.preempting(now))
@@ -719,6 +733,8 @@ class Agent:
 
     def _on_hook_result(self, result: HookResult) -> None:
         self.metrics.hooks.labels(result.event.value, (HookOutcome.OK if result.ok else HookOutcome.FAILED).value).inc()
+        if result.event is HookEvent.DEMOTE and result.ok and self.guardian is not None and not self.is_primary():
+            self.guardian.disarm()  # (a demote hook that failed leaves it armed: the fence runs at the deadline)
         if not result.ok:
             self.effects.hook_failed(result.event, result.error or "")
         if result.event is not HookEvent.PROMOTE or self.config.hooks.on_promote_failure != "handover":
@@ -732,6 +748,11 @@ class Agent:
         elif result.ok and self._promote_failed:
             self._promote_failed = False
             self._feed(Resume())
+
+    def _on_fenced(self, term: int, outcome: str) -> None:
+        """The guardian ran the fence command: this process stalled past its deadline as primary of ``term``."""
+        self.metrics.stall_fences.inc()
+        self.effects.fenced(term, outcome, primary=self.is_primary())
 
     # ---- outgoing -----------------------------------------------------------------------------
 
@@ -811,8 +832,8 @@ class Agent:
             },
             "sync": None if self.replica is None else self.replica.status(),
             "federation": None if self.exporter is None else self.exporter.status(),
-            "vip": None if self.vip is None else {
-                **self.vip.status(), "guardian": None if self.guardian is None else self.guardian.status()},
+            "vip": None if self.vip is None else self.vip.status(),
+            "guardian": None if self.guardian is None else self.guardian.status(),
             "kept": self.effects.kept.status(),  # resources kept through a broker outage, if any
             "incarnation": self.incarnation,
             # Signed control messages required of every node: otherwise any client that may write the

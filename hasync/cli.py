@@ -293,29 +293,49 @@ def decommission(
     click.echo(f"removed {node}: cleared {count} retained topics")
 
 
-@main.command("vip-release")
-@click.option("--config", "-c", "config", type=click.Path(path_type=Path),
-              help=f"YAML config file [default: {DEFAULT_CONFIG_PATH} if it exists].")
-def vip_release(config: Path | None) -> None:
-    """Remove this node's floating IPs (vip:) from its interfaces, once its agent has stopped.
-
-    For the service manager, after the agent's process is gone whatever ended it (the systemd unit's
-    ExecStopPost); never while the agent runs. Exits 1 if an address could not be removed."""
+def _fence(config: Path | None) -> None:
     cfg = _load(config, {})
-    if not cfg.vip:
-        click.echo("no floating IP configured (vip:): nothing to remove")
-        return
     from . import guardian
 
-    what = [guardian.Target(v.interface, v.ip_interface) for v in cfg.vip]
-    try:
-        with guardian.open_netlink() as sock:
-            outcome = guardian.remove(sock, what)
-    except OSError as exc:
-        _fail(f"netlink: {exc.strerror or exc}")
-    click.echo(guardian.report(outcome) or "none of the floating IPs was on its interface")
-    if any(code not in (0, errno.EADDRNOTAVAIL) for code in outcome.values()):
+    failed = False
+    if cfg.vip:
+        what = [guardian.Target(v.interface, v.ip_interface) for v in cfg.vip]
+        try:
+            with guardian.open_netlink() as sock:
+                outcome = guardian.remove(sock, what)
+        except OSError as exc:
+            _fail(f"netlink: {exc.strerror or exc}")
+        click.echo(guardian.report(outcome) or "none of the floating IPs was on its interface")
+        failed = any(code not in (0, errno.EADDRNOTAVAIL) for code in outcome.values())
+    if cfg.hooks.fence is not None:
+        os.environ.update(HASYNC_NODE=cfg.node_id, HASYNC_CLUSTER=cfg.cluster)
+        result = guardian.fence(cfg.hooks.fence, cfg.hooks.timeout, "agent stopped", "0")
+        click.echo(f"fence command: {result}")
+        failed |= result != "ok"
+    if not cfg.vip and cfg.hooks.fence is None:
+        click.echo("no floating IP (vip:) and no fence command (hooks.fence) configured: nothing to do")
+    if failed:
         sys.exit(1)
+
+
+@main.command("fence")
+@click.option("--config", "-c", "config", type=click.Path(path_type=Path),
+              help=f"YAML config file [default: {DEFAULT_CONFIG_PATH} if it exists].")
+def fence(config: Path | None) -> None:
+    """Take this node's fenced resources down once its agent has stopped: the floating IPs (vip:) off their
+    interfaces, then the fence command (hooks.fence) run.
+
+    For the service manager, after the agent's process (and its guardian) are gone whatever ended them (the
+    systemd unit's ExecStopPost); never while the agent runs. Exits 1 if an address could not be removed or the
+    fence command failed."""
+    _fence(config)
+
+
+@main.command("vip-release", hidden=True)
+@click.option("--config", "-c", "config", type=click.Path(path_type=Path))
+def vip_release(config: Path | None) -> None:
+    """The former name of ``hasync fence`` (units installed before it)."""
+    _fence(config)
 
 
 @main.command()

@@ -320,18 +320,22 @@ class BrokerLoss(enum.StrEnum):
 class HooksConfig(BaseModel):
     """Shell commands to run on role changes; None disables a hook. ``on_broker_loss: kept``: a primary that
     loses the broker does not run its demote hook until the kept resources are released (``hasync.kept``).
-    ``on_promote_failure: handover``: a promote hook that fails makes the primary step down."""
+    ``on_promote_failure: handover``: a promote hook that fails makes the primary step down. ``fence``: run by
+    the guardian (``hasync.guardian``), not the agent, when the agent dies as primary (kill -9, a crash) or
+    stalls past its deadline (SIGSTOP, starved: fenced hooks only), to stop what the promote hook started
+    before another node starts its own; ``HASYNC_EVENT=fence``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     promote: str | None = None
     demote: str | None = None
     fault: str | None = None
+    fence: str | None = None
     timeout: float = 30.0
     on_broker_loss: BrokerLoss = BrokerLoss.FENCED
     on_promote_failure: Literal["stay", "handover"] = "stay"
 
-    @field_validator("promote", "demote", "fault")
+    @field_validator("promote", "demote", "fault", "fence")
     @classmethod
     def _command(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not value.strip():

@@ -169,6 +169,16 @@ class RoleEffects:
         promote hook's effects (dnsmasq, a floating IP) behind."""
         self._hook(HookEvent.DEMOTE, 0, "starting as standby")
 
+    def fenced(self, term: int, outcome: str, *, primary: bool) -> None:
+        """The guardian ran the fence command: this agent stalled past its deadline as primary of ``term``. Still
+        primary (starved, not frozen, and no other node elected meanwhile): the promote hook starts again what the
+        fence stopped, as a lapsed floating IP is added again."""
+        logger.warning("the guardian ran the fence command (%s): this agent stalled as primary of term %d%s", outcome,
+                       term, "; still primary: running the promote hook again" if primary else "")
+        self._event("fenced", term=term, outcome=outcome, primary=primary)
+        if primary:
+            self._hook(HookEvent.PROMOTE, term, "fenced while stalled; still primary")
+
     def hook_failed(self, event: HookEvent, error: str) -> None:
         self._event("hook_failed", hook=event.value, error=error)
 

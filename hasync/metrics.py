@@ -91,8 +91,10 @@ class Metrics:
         self.vip_refreshes = Counter("hasync_vip_refreshes", "New lifetimes given to fenced floating IPs", registry=r)
         self.vip_lapses = Counter("hasync_vip_lapses", "Fenced floating IPs whose lifetime ended while this node was "
                                   "primary (no renewal came back in time), added again", registry=r)
-        self.vip_guardian = Gauge("hasync_vip_guardian", "1 while the guardian runs (it removes the floating IPs "
-                                  "when the agent dies)", registry=r)
+        self.guardian = Gauge("hasync_guardian", "1 while the guardian runs (it removes the floating IPs and runs the "
+                              "fence command when the agent dies or stalls as primary)", registry=r)
+        self.stall_fences = Counter("hasync_stall_fences", "Fence commands the guardian ran because this agent "
+                                    "stalled past its deadline as primary", registry=r)
 
         self.sync_synced = Gauge("hasync_sync_synced", "1 once this connection's retained entity records are in",
                                  registry=r)

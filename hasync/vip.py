@@ -57,10 +57,10 @@ there are no renewals, for as long as the agent is alive; a frozen agent keeps i
 the trade-off of ``kept``).
 
 **The guardian.** A dead process is faster than a lifetime: its connection closes, the broker publishes its
-will and a successor is elected within milliseconds. ``Guardian`` runs ``hasync.guardian`` beside the
-agent, which removes every configured address the moment the agent's process ends, however it ends (and
-nothing while it lives). Both tell ``/healthz`` (``vip.guardian``) and ``hasync_vip_guardian`` whether it
-runs; one that dies is started again.
+will and a successor is elected within milliseconds. The guardian (``hasync.fence``, ``hasync.guardian``)
+runs beside the agent and removes every configured address the moment the agent's process ends, however it
+ends (and nothing while it lives). ``/healthz`` (``guardian``) and ``hasync_guardian`` tell whether it runs;
+one that dies is started again.
 
 What is not covered: a frozen whole host (a paused virtual machine: the kernel's clock stops too); kill -9
 of the agent and its guardian together is bounded by the lifetime only; another host that answers for
@@ -85,17 +85,14 @@ import errno
 import ipaddress
 import logging
 import math
-import os
 import socket
 import struct
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import guardian
-from .aio import Backoff, wait_or
+from .aio import wait_or
 from .config import ADDRESS_LIFETIME_LAG, BrokerLoss, VipAddress
 from .metrics import Metrics
 
@@ -113,8 +110,6 @@ REMOVE_RETRY = 1.0  # s between attempts to remove an address that would not go
 IFA_F_NODAD = 0x02  # linux/if_addr.h
 TOPUP_EARLY = 0.05  # s: a top-up aims its lifetime's end this much before the latest safe one (loop lateness)
 TOPUP_GAIN = 0.1  # s a top-up must add to the lifetime's end to be worth a netlink call
-GUARDIAN_START_TIMEOUT = 10.0  # s for the guardian to start and say whether it may remove addresses
-GUARDIAN_STOP_TIMEOUT = 2.0  # s it has to exit once the agent lets it go
 
 
 class VipErrorKind(enum.StrEnum):
@@ -614,102 +609,3 @@ class FloatingIps:
         elif was is not None:
             logger.warning("floating IP: the interfaces can be managed again; this node is eligible")
         self._on_fault()
-
-
-
-class Guardian:
-    """The agent's side of ``hasync.guardian``: starts it with one end of a pipe and keeps the other, never
-    written to, for as long as this process lives; starts it again should it exit; lets it go on the way out,
-    once the addresses are off (``close``)."""
-
-    def __init__(self, addresses: Sequence[VipAddress], metrics: Metrics) -> None:
-        self._argv = [sys.executable, "-m", "hasync.guardian",
-                      *[arg for vip in addresses for arg in (vip.interface, vip.address)]]
-        self._metrics = metrics
-        self._process: asyncio.subprocess.Process | None = None
-        self._pipe: int | None = None  # our end: the kernel closes it when this process ends, however it ends
-        self._denied = False  # it may not remove addresses (no CAP_NET_ADMIN): starting it again is pointless
-        self.starts = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def status(self) -> dict[str, Any]:
-        return {"pid": self.pid, "starts": self.starts}
-
-    async def start(self) -> bool:
-        """Start it and wait until it is ready to act; False (logged) if it cannot."""
-        read, write = os.pipe()  # (not inherited by anything else this process starts: O_CLOEXEC)
-        try:
-            process = await asyncio.create_subprocess_exec(*self._argv, stdin=read, stdout=asyncio.subprocess.PIPE)
-        except OSError as exc:
-            os.close(write)
-            logger.warning("floating IP: cannot start the guardian: %s", exc)
-            return False
-        finally:
-            os.close(read)
-        assert process.stdout is not None
-        try:
-            async with asyncio.timeout(GUARDIAN_START_TIMEOUT):
-                answer = (await process.stdout.readline()).decode(errors="replace").strip()
-        except TimeoutError:
-            answer = ""
-        except asyncio.CancelledError:  # the agent is leaving before it was ready
-            os.close(write)
-            process.kill()
-            raise
-        if answer.partition(" ")[0] != guardian.READY:
-            os.close(write)
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            self._denied = answer == guardian.DENIED
-            logger.warning("floating IP: the guardian %s; after a kill -9 the addresses go with their lifetime only",
-                           "may not change addresses (it needs CAP_NET_ADMIN, ambient for a service)"
-                           if self._denied else "did not start")
-            return False
-        self._process, self._pipe = process, write
-        self.starts += 1
-        self._metrics.vip_guardian.set(1)
-        logger.debug("floating IP: guardian started (pid %d, %s)", process.pid, answer.partition(" ")[2].strip("()"))
-        return True
-
-    async def run(self) -> None:
-        """The agent's ``guardian`` task: start it (the agent does not wait: a node observes for a lease before
-        it can be elected), and again whenever it exits (killed, it is harmless, but it must be back)."""
-        backoff = Backoff(1.0, 60.0)
-        while True:
-            if await self.start():
-                backoff.reset()
-                assert self._process is not None
-                code = await self._process.wait()
-                self._lost(f"the guardian exited ({code}); starting it again")
-            if self._denied:
-                return
-            await asyncio.sleep(backoff.next_delay())
-
-    def _lost(self, why: str) -> None:
-        self._process = None
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-        self._metrics.vip_guardian.set(0)
-        logger.warning("floating IP: %s", why)
-
-    async def close(self) -> None:
-        """The agent is leaving and its addresses are off: the guardian finds nothing to remove and exits."""
-        process = self._process
-        self._process = None
-        if self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
-        self._metrics.vip_guardian.set(0)
-        if process is None:
-            return
-        try:
-            async with asyncio.timeout(GUARDIAN_STOP_TIMEOUT):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()

@@ -39,16 +39,29 @@ def test_the_units_stop_timeout_covers_a_graceful_handover() -> None:
     assert float(service["TimeoutStopSec"]) > handover
 
 
-def test_once_the_agent_is_gone_the_unit_takes_its_floating_ips_off(tmp_path: Path) -> None:
+def test_once_the_agent_is_gone_the_unit_takes_its_fenced_resources_down(tmp_path: Path) -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read_string(UNIT.read_text())
     # "-": a failure does not fail the unit (the agent has stopped either way; the guardian and the lifetimes
     # are there too).
     assert unit["Service"]["ExecStopPost"].split() == [
-        "-/opt/hasync/bin/hasync", "vip-release", "--config", "/etc/hasync/hasync.yaml"]
+        "-/opt/hasync/bin/hasync", "fence", "--config", "/etc/hasync/hasync.yaml"]
     config = tmp_path / "hasync.yaml"
     config.write_text("node_id: n1\n")
     hasync = Path(sys.executable).parent / "hasync"
-    result = subprocess.run([str(hasync), "vip-release", "--config", str(config)], capture_output=True, text=True,
+    for command in ("fence", "vip-release"):  # (the unit's former command still works)
+        result = subprocess.run([str(hasync), command, "--config", str(config)], capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert (result.returncode, result.stdout.strip()) == (
+            0, "no floating IP (vip:) and no fence command (hooks.fence) configured: nothing to do")
+    # The fence command, with the hook's variables: the recipe's dnsmasq.sh stops dnsmasq on HASYNC_EVENT=fence.
+    marker = tmp_path / "fenced"
+    config.write_text(f"node_id: n1\nhooks:\n  fence: echo $HASYNC_EVENT $HASYNC_NODE $HASYNC_REASON > {marker}\n")
+    result = subprocess.run([str(hasync), "fence", "--config", str(config)], capture_output=True, text=True,
                             timeout=60, check=False)
-    assert (result.returncode, result.stdout.strip()) == (0, "no floating IP configured (vip:): nothing to remove")
+    assert (result.returncode, result.stdout.strip(), marker.read_text()) == (
+        0, "fence command: ok", "fence n1 agent stopped\n")
+    config.write_text("node_id: n1\nhooks:\n  fence: exit 3\n")
+    result = subprocess.run([str(hasync), "fence", "--config", str(config)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout.strip()) == (1, "fence command: exit status 3")

@@ -105,7 +105,7 @@ def home(tmp_path: Path, topic_prefix: str, on_broker_loss: str, *, broken: str 
                     cluster.add(node, priority=priority, command_prefix=lan.prefix(node),
                                 http={"host": lan.addresses[node]}, health_checks=checks,
                                 vip=[{"address": vip, "interface": "eth0", "on_broker_loss": on_broker_loss}],
-                                hooks={"promote": hook, "demote": hook, "on_broker_loss": on_broker_loss,
+                                hooks={"promote": hook, "demote": hook, "fence": hook, "on_broker_loss": on_broker_loss,
                                        "on_promote_failure": "handover", "timeout": 10}, **settings)
                 h = Home(lan, cluster, broker, vip, pidfiles)
                 if broken:
@@ -125,12 +125,17 @@ def test_only_the_primary_serves_and_after_a_kill_9_the_other_does(tmp_path: Pat
         assert h.dns(h.ip) == n1 and h.dhcp() == n1 and h.dhcp_servers() == [n1]
         assert not h.serving("n2") and h.dns(n2) is None and not h.holds("n2")
 
-        killed = h.cluster.kill("n1")  # kill -9: the agent only; its dnsmasq and address stay (as under systemd)
+        killed = h.cluster.kill("n1")  # kill -9 of the agent only (as under systemd): its guardian fences
         assert h.cluster.wait_for_leader(10, after=killed, exclude="n1") == "n2"
         wait_until(lambda: h.serving("n2") and h.holds("n2"), 10, "n2 to serve")
         wait_until(lambda: h.dns(h.ip) == n2, 10, "DNS at the floating IP answered by n2")
         print(f"kill -9 to DNS answered by n2 at the floating IP: {time.monotonic() - killed:.2f} s")
-        # systemd restarts the agent: its start-up demote hook stops the dnsmasq the killed run left behind.
+        # The guardian ran the fence command (the recipe's stop) and removed the address, kept though they are.
+        assert not h.serving("n1") and not h.holds("n1") and h.dhcp_servers() == [n2]
+        assert f"hasync guardian: the agent (pid {h.cluster.agents['n1'].pid}) is gone: removed {h.vip} on eth0; " \
+               "fence command ok" in h.cluster.agents["n1"].log()
+        # systemd restarts the agent: its start-up demote hook stops whatever a killed run left behind (here:
+        # nothing; without the guardian, its dnsmasq).
         h.cluster.agents["n1"].start()
         wait_until(lambda: not h.serving("n1") and not h.holds("n1"), 15, "n1 to clear what it left behind")
         assert h.dhcp() == n2 and h.dhcp_servers() == [n2] and h.dns(h.ip) == n2 and h.dns(n1) is None

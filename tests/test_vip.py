@@ -459,7 +459,7 @@ def test_fenced_addresses_live_from_renewal_to_renewal_kept_ones_for_ever(settin
             assert (host.interfaces["eth0"], [k for k in host.lifetimes]) == ({VIP, VIP6}, [("eth0", VIP)])
             assert host.times("expire") == [] and agent.status()["vip"]["lapses"] == 0
             assert metric(agent, "hasync_vip_refreshes_total") == len(host.times("refresh"))
-            assert agent.guardian is None and agent.status()["vip"]["guardian"] is None  # (a fake netlink)
+            assert agent.guardian is None and agent.status()["guardian"] is None  # (a fake netlink)
 
     run(scenario)
 

@@ -304,11 +304,11 @@ def test_a_guardian_killed_is_harmless_and_started_again(tmp_path: Path, topic_p
                                               vip=[{"address": vip, "interface": "eth0"}])
             assert cluster.wait_for_leader(30) == "n1"
             wait_until(lambda: vip in addresses(lan, "n1"), 5, "n1 to hold the floating IP")
-            first = agent.status()["vip"]["guardian"]
-            assert first["starts"] == 1 and agent.metric("hasync_vip_guardian") == 1
+            first = agent.status()["guardian"]
+            assert first["starts"] == 1 and agent.metric("hasync_guardian") == 1
             os.kill(first["pid"], signal.SIGKILL)
-            wait_until(lambda: agent.status()["vip"]["guardian"]["starts"] == 2, 10, "a new guardian")
-            assert agent.status()["vip"]["guardian"]["pid"] != first["pid"] and agent.status()["primary"]
+            wait_until(lambda: agent.status()["guardian"]["starts"] == 2, 10, "a new guardian")
+            assert agent.status()["guardian"]["pid"] != first["pid"] and agent.status()["primary"]
             assert vip in addresses(lan, "n1") and len(cluster.leaders_since(0)) == 1
             assert "the guardian exited (-9); starting it again" in agent.log()
             time.sleep(FAST_FENCED_ELECTION["lease_duration"])  # renewals go on; the address with them

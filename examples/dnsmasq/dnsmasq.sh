@@ -7,6 +7,9 @@
 #            port taken. With hooks.on_promote_failure: handover the node then steps down, so it does not stay
 #            primary with no DHCP.
 #   demote:  stops it (idempotent: hasync also runs it once at start, in case a killed run left it behind).
+#   fence:   stops it too; run by the agent's guardian, not the agent, when the agent died as primary (kill -9,
+#            a crash) or stalled past its deadline (SIGSTOP), so that the next primary's dnsmasq is the only
+#            DHCP server. Configure it as hooks.fence as well.
 #   fault:   nothing. A primary that becomes unhealthy is demoted too, and the demote stops dnsmasq; a node
 #            that keeps dnsmasq through a broker outage (hooks.on_broker_loss: kept) must not stop it because
 #            a check through the broker failed.
@@ -79,6 +82,7 @@ stop() {
 case "${HASYNC_EVENT:-}" in
   promote) echo "primary for term $HASYNC_TERM: starting dnsmasq"; start ;;
   demote) echo "standby ($HASYNC_REASON): stopping dnsmasq"; stop ;;
+  fence) echo "fenced ($HASYNC_REASON, term $HASYNC_TERM): stopping dnsmasq"; stop ;;
   fault) echo "fault ($HASYNC_REASON): dnsmasq left to the demote hook" ;;
-  *) echo "run by hasync as a role hook (HASYNC_EVENT promote or demote)" >&2; exit 2 ;;
+  *) echo "run by hasync as a role hook (HASYNC_EVENT promote, demote, fault or fence)" >&2; exit 2 ;;
 esac
