@@ -173,8 +173,9 @@ class RoleEffects:
         """The guardian ran the fence command: this agent stalled past its deadline as primary of ``term``. Still
         primary (starved, not frozen, and no other node elected meanwhile): the promote hook starts again what the
         fence stopped, as a lapsed floating IP is added again."""
-        logger.warning("the guardian ran the fence command (%s): this agent stalled as primary of term %d%s", outcome,
-                       term, "; still primary: running the promote hook again" if primary else "")
+        logger.warning("the guardian ran the fence command (%s): the deadline of term %d passed before the demote hook "
+                       "had run (this agent stalled, or the hook is slow)%s", outcome, term,
+                       "; still primary: running the promote hook again" if primary else "")
         self._event("fenced", term=term, outcome=outcome, primary=primary)
         if primary:
             self._hook(HookEvent.PROMOTE, term, "fenced while stalled; still primary")

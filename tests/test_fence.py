@@ -244,12 +244,19 @@ def serving_pair(tmp_path: Path, topic_prefix: str) -> Iterator[tuple[Cluster, P
             cluster.add(node, priority=priority, preempt=False,
                         hooks={"promote": hook, "demote": hook, "fence": hook, "timeout": 10})
         assert cluster.wait_for_leader(30) == "n1"
-        wait_until((tmp_path / "serving-n1").exists, 10, "n1's promote hook")
+        wait_until(ran(log, "n1", "promote"), 10, "n1's promote hook")
         yield cluster, log
 
 
 def runs(log: Path) -> list[tuple[str, str, float]]:
+    """Every hook run so far (a line is written after the run's change to ``serving-<node>``)."""
+    if not log.exists():
+        return []
     return [(node, event, float(t)) for node, event, t in (line.split() for line in log.read_text().splitlines())]
+
+
+def ran(log: Path, node: str, event: str) -> Callable[[], bool]:
+    return lambda: any((n, e) == (node, event) for n, e, _ in runs(log))
 
 
 @pytest.mark.integration
@@ -259,7 +266,7 @@ def test_a_frozen_primary_is_fenced_before_the_other_starts_serving(tmp_path: Pa
         agent = cluster.agents["n1"]
         frozen = time.monotonic()
         agent.signal(signal.SIGSTOP)
-        wait_until((tmp_path / "serving-n2").exists, 20, "n2 to serve")
+        wait_until(ran(log, "n2", "promote"), 20, "n2 to serve")
         fence = [t for node, event, t in runs(log) if (node, event) == ("n1", "fence")]
         promote = [t for node, event, t in runs(log) if (node, event) == ("n2", "promote")]
         assert len(fence) == 1 and len(promote) == 1 and frozen < fence[0] < promote[0], runs(log)
@@ -278,8 +285,8 @@ def test_a_frozen_primary_is_fenced_before_the_other_starts_serving(tmp_path: Pa
 def test_a_killed_primary_is_fenced_and_a_standby_or_a_clean_stop_is_not(tmp_path: Path, topic_prefix: str) -> None:
     with serving_pair(tmp_path, topic_prefix) as (cluster, log):
         killed = cluster.kill("n1")
-        wait_until((tmp_path / "serving-n2").exists, 20, "n2 to serve")
-        wait_until(lambda: any(e == "fence" for n, e, _ in runs(log) if n == "n1"), 10, "n1's guardian to fence")
+        wait_until(ran(log, "n2", "promote"), 20, "n2 to serve")
+        wait_until(ran(log, "n1", "fence"), 10, "n1's guardian to fence")
         fence = [t for node, event, t in runs(log) if (node, event) == ("n1", "fence")]
         promote = [t for node, event, t in runs(log) if (node, event) == ("n2", "promote")]
         print(f"kill -9: n1 fenced {(fence[0] - killed) * 1000:.1f} ms after, n2 promoted "
