@@ -3,6 +3,7 @@ benchmarks cannot rot unnoticed."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import subprocess
@@ -19,8 +20,10 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves 
     sys.path.insert(0, str(ROOT))
 
 from bench.home import holders_table, outage_table, verdicts  # noqa: E402
+from bench.merge import merge as merge_reports  # noqa: E402
+from bench.merge import parse as parse_report  # noqa: E402
 from bench.registry import SCENARIOS, Context  # noqa: E402
-from bench.report import Row, Target, fmt, table  # noqa: E402
+from bench.report import Report, Result, Row, Target, fmt, table  # noqa: E402
 from bench.stats import Summary, percentile  # noqa: E402
 from harness.home import Fault, Sample  # noqa: E402
 from harness.timeline import Doubles  # noqa: E402
@@ -204,3 +207,33 @@ def test_the_home_verdicts_hold_every_probe_and_double_holder_to_the_issues_targ
     outages, holders = outage_table(samples), holders_table(samples)
     assert outages.count("| kill:") == 2 and "| keepalived | 1 | 0 / 0 / 0 | n/a | 100 / 100 / 100 |" in outages
     assert "| kill | hasync, fenced | 1,800 / 1,800 / 1,800 | 1,800 / 1,800 / 1,800 | 1/1 runs, 15 exchanges" in holders
+
+
+def _report(command: str, results: list[Result]) -> str:
+    report = Report(mode="full", command=command, machine={"CPU": "test"}, timings="the timings",
+                    started=datetime.datetime(2026, 12, 3, 9, 0, tzinfo=datetime.UTC), load_start="0.1 / 0.2 / 0.3",
+                    extra_sections=[("How to reproduce", "run it")])
+    report.results = results
+    report.load_end = "1.0 / 1.0 / 1.0"
+    report.seconds = 120
+    return report.markdown()
+
+
+def test_merged_reports_keep_every_run_s_scenarios_and_the_last_of_a_repeated_one(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.md", tmp_path / "two.md"
+    one.write_text(_report("./scripts/bench --full --only a b", [
+        Result("a", "scenario a", rows=[Row("latency", "ms", [1.0, 2.0], Target("median", 5))], overlap=(3, 0, 0.0)),
+        Result("b", "scenario b (old)", rows=[Row("rate", "/s", [10.0])])]))
+    two.write_text(_report("./scripts/bench --full --only b", [
+        Result("b", "scenario b (new)", rows=[Row("rate", "/s", [20.0], Target("median", 15, at_least=True))])]))
+    hand = tmp_path / "BENCHMARKS.md"
+    hand.write_text("# hasync benchmarks\n\n## Signing cost (by hand)\n\nmeasured on 2026-12-02\n")
+    merged = merge_reports([parse_report(p) for p in (one, hand, two)])
+    assert "`./scripts/bench --full --only a b`: 2026-12-03 09:00 UTC, mode **full**, 2.0 min" in merged
+    assert "`./scripts/bench --full --only b`" in merged and "`BENCHMARKS.md`: sections carried over" in merged
+    headings = [line for line in merged.splitlines() if line.startswith("## ")]
+    assert headings == ["## Machine", "## Timings", "## Summary", "## Two primaries at once?", "## a: scenario a",
+                        "## b: scenario b (new)", "## Signing cost (by hand)", "## How to reproduce"]
+    summary = merged.split("## Summary")[1].split("##")[0]
+    assert "| a | latency | 2 | 1.50 ms" in summary and "| b | rate | 1 | 20 /s" in summary and "| 10 /s" not in summary
+    assert "| a | 3 | 0 | 0.0 ms |" in merged and "measured on 2026-12-02" in merged
