@@ -5,7 +5,7 @@ Under the Supervisor (Home Assistant OS, Supervised), an add-on finds its option
 the Supervisor's proxy (the WebSocket API is ``http://supervisor/core/websocket``, authenticated with
 that token; not ``<url>/api/websocket``), and, unless the options name a broker, uses the one the
 Supervisor's MQTT service announces (the Mosquitto broker add-on). Role hooks are files in the add-on's
-configuration folder (``/config/hooks/promote``, ``demote``, ``fault``), not shell text in the UI.
+configuration folder (``/config/hooks/promote``, ``demote``, ``fault``, ``fence``), not shell text in the UI.
 
 The options use the configuration file's own keys (``node_id``, ``priority``, ``broker.url``,
 ``homeassistant.managed_automations``...), so an error names the same key either way, except where the
@@ -67,14 +67,14 @@ def options_tree(options: Mapping[str, Any], token: str, *, supervisor: str = SU
     ha.update(url=f"{supervisor}/core", token=token, websocket_url=f"{supervisor}/core/websocket")
     if tree.get("hooks"):
         raise SupervisorError(f"hooks are files in the add-on's configuration folder ({hook_dir}/promote, "
-                              "demote, fault), not options")
+                              "demote, fault, fence), not options")
     hooks = {}
-    for event in HookEvent:
-        path = hook_dir / event.value
+    for name in [*(event.value for event in HookEvent), "fence"]:
+        path = hook_dir / name
         if path.exists():
             if not os.access(path, os.X_OK):
                 raise SupervisorError(f"the hook {path} is not executable (chmod +x)")
-            hooks[event.value] = str(path)
+            hooks[name] = str(path)
     if hooks:
         tree["hooks"] = hooks
     tree.setdefault("events_file", EVENTS_FILE)

@@ -72,8 +72,9 @@ async def test_options_and_the_supervisors_broker_and_proxy_make_the_configurati
         stand_in: StandInSupervisor, tmp_path: Path) -> None:
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    (hooks / "promote").write_text("#!/bin/sh\nexit 0\n")
-    (hooks / "promote").chmod(0o755)
+    for name in ("promote", "fence"):
+        (hooks / name).write_text("#!/bin/sh\nexit 0\n")
+        (hooks / name).chmod(0o755)
     cfg = await supervisor.configure(OPTIONS, env(stand_in), hook_dir=hooks)
     assert (cfg.node_id, cfg.cluster, cfg.priority) == ("ha-kitchen", "home", 150)
     assert cfg.broker.url == "mqtt://core-mosquitto:1883"
@@ -82,6 +83,7 @@ async def test_options_and_the_supervisors_broker_and_proxy_make_the_configurati
     assert (ha.url, ha.token, ha.websocket_url) == (f"{stand_in.url}/core", TOKEN, f"{stand_in.url}/core/websocket")
     assert ha.managed_automations and cfg.sync.include.domains == ["input_boolean"]
     assert cfg.hooks.promote == str(hooks / "promote") and cfg.hooks.demote is None
+    assert cfg.hooks.fence == str(hooks / "fence")
     assert cfg.events_file == Path("/data/events.jsonl")
     # A broker named in the options wins, and the Supervisor is not asked.
     asked = stand_in.requests
