@@ -278,9 +278,11 @@ NOTES = [
     "addresses have no lifetime: a frozen agent keeps them, as a node cut off from the broker does. "
     "The DNS outage after a kill -9 is the new holder's dnsmasq starting: the address moves (and is announced) "
     "first, the promote hook (keepalived: notify_master) starts dnsmasq after; whether a DNS query falls into "
-    "that gap (about 0.1 s) depends on the probe's phase: 0 or about 100 ms, for both systems alike. The two "
-    "DHCP servers under kill -9 and SIGSTOP are the old node's dnsmasq, a process the hook started: neither "
-    "the guardian nor the addresses' lifetime stops it.",
+    "that gap (about 0.1 s) depends on the probe's phase: 0 or about 100 ms, for both systems alike. The old "
+    "node's dnsmasq, a process the hook started, is stopped by the guardian's fence command (`hooks.fence`, the "
+    "recipe's `dnsmasq.sh`): at once after kill -9 (fenced and kept alike), at the renew deadline + 0.5 s when "
+    "the agent is frozen (fenced only: kept hooks outlive a stall, so under SIGSTOP kept shows two DHCP servers "
+    "like keepalived); fenced, SIGSTOP's DHCP outage is the gap from that fence to the new primary's dnsmasq.",
     "link: hasync's lease (3 s after the last renewal it received) and keepalived's master-down timer (3 "
     "advert_int and the skew after the last advert) are the same gap by design; a verdict on the ratio of "
     "two equal medians is noise.",
