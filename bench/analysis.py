@@ -32,23 +32,26 @@ and `py-spy dump`:
   then a full lease of observation after reconnecting before anyone may claim: about 3.2-3.5 s.
 - **Sync latency and throughput are bounded by CPU on two cores.** An update crosses four processes that
   share the two cores: the load generator, agent A (HTTP request, stamping, JSON encoding, publishing,
-  and reading its own record back, which is how it knows the broker has it), the broker, and agent B
-  (parsing and validating the record, reconciling, applying). The plain loop has two clients and the
-  broker, and does no validation. `py-spy record` of both agents at full rate: in A, paho's socket
-  reading and writing about 40 %, the HTTP handler about 12 %, the state machine about 10 %; in B, about
-  25 % for parsing (pydantic) and the state machine, the rest paho and the event loop. At 1,000 updates/s
-  the median stays near 2-3 ms; the tail (p99) is scheduling: four busy processes on two cores. The
-  throughput ratio sits at 0.45-0.55 of the plain loop on this machine, around the target. Before
-  commit 2865457 (TCP_NODELAY) it was about 1,300 updates/s, bounded by delayed ACKs, not CPU.
-- **Snapshot convergence** is measured from the joiner's process start: Python start-up and imports
-  take about 0.6 s of it, then connecting, receiving the retained records and applying them.
-- **RSS** is mostly imports: a bare Python is 10 MiB, and `import hasync.agent` is 52 MiB (aiohttp with
-  ssl about 23 MiB, pydantic about 7 MiB, paho, prometheus_client). The agent process no longer imports
-  rich (2 MiB). Under load, 1,000 entities with their records and the benchmark's in-memory apply log
-  add 3-9 MiB. Idle, 54 MiB (57 MB) meets the 60 MB goal; under load a standby grows from 57 to 63 MiB
-  over the 30 s window: the memory backend keeps a log of every apply for the benchmark to read (up to
-  200,000 entries, 1,000 more a second), which an agent with Home Assistant does not have. Not measured
-  here: an agent syncing with a real HA under load.
+  and recognising its own record when it comes back, which is how it knows the broker has it), the broker,
+  and agent B (parsing and validating the record, reconciling, applying). The plain loop has two clients
+  and the broker, and does no validation. Profiled 2026-11-22 (`py-spy record` at full rate): in A,
+  paho's socket reading and writing about 40 %, the HTTP handler about 12 %, the state machine about 10 %;
+  in B, about 25 % parsing (pydantic) and the state machine. Issue 13's changes (2026-12-03: buffered
+  reads, joined writes, the echo recognised by its bytes, the collector tuned) cut the CPU per update;
+  measured 2026-12-03 on the quiet machine (`footprint-load`): at 1,000 updates/s A spends 312 µs of CPU
+  per update (31 % of a core), B 147 µs. The throughput ratio went from 0.48 to 0.64 of the plain loop
+  (target 0.8), the latency p99 at 1,000/s is about twice the median: scheduling, four busy processes on
+  two cores. The machine itself was about half as fast that day as on 2026-11-22 (the plain loop's flat-out
+  rate 7,667 against 12,797 msg/s). Before commit 2865457 (TCP_NODELAY) sync was about 1,300 updates/s,
+  bounded by delayed ACKs, not CPU.
+- **Snapshot convergence** is measured from the joiner's process start: 1,000 entities take 565 ms and
+  10,000 take 1,175 ms (2026-12-03), so about 0.5 s is fixed (interpreter start, imports, connecting)
+  and each entity costs about 68 µs to receive, validate and apply.
+- **RSS** is mostly imports. An agent that syncs no Home Assistant and exports nothing does not import
+  aiohttp (only the Home Assistant link, the add-on's Supervisor client and the demo import it): idle
+  42.6 MiB (2026-12-03, `footprint`), 50-53 MiB at 1,000 updates/s, where 1,000 entities with their
+  records and the memory backend's apply log (a benchmark instrument, bounded to 50,000 entries) add the
+  rest. Not measured here: an agent syncing with a real HA under load (aiohttp loaded).
 - **Federation at 1,000 entities** (`federation-ha`, investigated 2026-12-03 with `py-spy record` of the
   agent and of main's HA, and timings added to the exporter for the investigation): the exporter is not
   what bounds the time to main. Its start costs about 0.1 s of CPU: the registries and states are read once
