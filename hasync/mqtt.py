@@ -3,17 +3,21 @@
 A fresh aiomqtt client is used for every connection, so nothing queued on an old connection is re-sent
 on a new one (paho re-sends unacknowledged publishes after a reconnect otherwise).
 
-aiomqtt does the connection's lifecycle (connect, TLS, the will, keepalive, disconnect); the per-message
-paths, which entity sync runs thousands of times a second, bypass it (pinned: aiomqtt 2.x, paho 2.x):
+aiomqtt and paho do the connection's lifecycle (connect, TLS, the will, subscribing, keepalive, disconnect);
+the per-message paths, which entity sync runs thousands of times a second, bypass both once the connection is
+up (:class:`_Wire`; pinned: aiomqtt 2.x, paho 2.x, MQTT 3.1.1):
 
-* **sending**: ``send`` hands the publish to paho directly, without a task and a future per message;
-* **receiving**: paho's message callback appends to a queue that ``messages()`` drains without awaiting
-  between queued messages (aiomqtt makes a task and an ``asyncio.wait`` per message);
-* **reading**: paho reads every packet with at least three ``recv`` calls (its type, its length, its body);
-  the socket is wrapped in :class:`_BufferedReads`, which reads up to 64 KiB per system call and serves
-  paho from that buffer;
-* **writing**: paho writes every queued packet with its own ``send`` (a burst of publishes, or the
-  acknowledgements of a burst received); :func:`_write_queued` writes what is queued with one ``send``.
+* **reading**: one ``recv`` of up to 64 KiB per readable socket (paho makes three per packet: its type, its
+  length, its body), framed by ``hasync.wire``; a PUBLISH goes to the inbox and its PUBACK to the write queue,
+  a PUBACK of ours calls its ``on_ack``; any other packet is handed to paho's own handler, as if paho had read
+  it (SUBACK, PINGRESP, the PUBACKs of aiomqtt's ``publish``);
+* **sending**: ``send`` encodes the PUBLISH and puts it on paho's write queue, in order with whatever paho
+  queues itself, without a task, a future or a message object per publish;
+* **writing**: what is queued goes out in one ``send`` (:func:`_write_queued`) at the event loop's next turn,
+  so a burst of publishes, and the acknowledgements of a burst received, cost one system call (paho writes
+  each packet with its own, after a round through ``call_soon_threadsafe`` and the selector);
+* **receiving**: ``messages()`` drains the inbox without awaiting between queued messages (aiomqtt makes a
+  task and an ``asyncio.wait`` per message).
 """
 
 from __future__ import annotations
@@ -28,14 +32,19 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 
+from . import wire
 from .config import BrokerConfig
 from .transport import AuthFailure, Connect, ConnectionLost, Incoming, MqttFailure, Session, Will
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import _InPacket
 
 logger = logging.getLogger(__name__)
 
@@ -51,49 +60,6 @@ def _translate(exc: aiomqtt.MqttError) -> MqttFailure:
     if isinstance(exc, aiomqtt.MqttCodeError) and code in _AUTH_CODES:
         return AuthFailure(str(exc))
     return ConnectionLost(str(exc) or type(exc).__name__)
-
-
-class _Acknowledged:
-    """Stands in for the asyncio.Event aiomqtt's PUBACK callback sets: calls ``on_ack`` instead."""
-
-    __slots__ = ("_on_ack",)
-
-    def __init__(self, on_ack: Callable[[], None]) -> None:
-        self._on_ack = on_ack
-
-    def set(self) -> None:
-        self._on_ack()
-
-
-class _BufferedReads:
-    """paho's socket with reads served from a buffer: one ``recv`` system call fills it with up to
-    ``READ_SIZE`` bytes, which paho's small reads then take without further calls.
-
-    aiomqtt's read callback calls paho's ``loop_read`` again while ``pending()`` is not zero (it does so for
-    TLS sockets, whose decrypted bytes the event loop cannot see either), so bytes left in the buffer are
-    never stranded waiting for the socket to become readable. Everything else goes to the socket itself.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._buffer = memoryview(b"")
-
-    def recv(self, bufsize: int) -> bytes:
-        if not self._buffer:
-            data: bytes = self._sock.recv(max(bufsize, READ_SIZE))  # raises BlockingIOError etc. as paho expects
-            if len(data) <= bufsize:
-                return data  # (b"" at the end of the stream)
-            self._buffer = memoryview(data)
-        chunk = self._buffer[:bufsize]
-        self._buffer = self._buffer[bufsize:]
-        return chunk.tobytes()
-
-    def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)
-        return len(self._buffer) + (inner() if inner is not None else 0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 def _write_queued(client: paho.Client) -> MQTTErrorCode:
@@ -138,6 +104,136 @@ def _write_queued(client: paho.Client) -> MQTTErrorCode:
     return paho.MQTT_ERR_SUCCESS
 
 
+class _Wire:
+    """The per-message paths of one connected paho client (see the module's docstring), installed at a packet
+    boundary: a packet paho had begun to read when the connection came up is taken over with its bytes."""
+
+    def __init__(self, client: paho.Client, deliver: Callable[[str, bytes, bool], None],
+                 on_error: Callable[[Exception], None]) -> None:
+        self._paho = client
+        self._deliver = deliver
+        self._on_error = on_error
+        self._loop = asyncio.get_running_loop()
+        self.acks: dict[int, Callable[[], None]] = {}  # our publishes awaiting their PUBACK, by packet id
+        self._flush_due = False
+        # Bytes received that do not make a whole packet yet, and how many it takes before framing is worth
+        # another try (so a big packet arriving in many reads is joined once, not once per read).
+        self._rest: list[bytes] = []
+        self._have = 0
+        self._want = 0
+        partial = client._in_packet
+        if partial["command"]:
+            self._keep(bytes((partial["command"], *partial["remaining_count"])) + bytes(partial["packet"]))
+            client._in_packet = _fresh_in_packet()
+        client._packet_read = self._read  # type: ignore[method-assign]
+        client._packet_write = functools.partial(_write_queued, client)  # type: ignore[method-assign]
+
+    # ---- sending --------------------------------------------------------------------------------
+
+    def send(self, topic: str, payload: bytes, *, retain: bool, on_ack: Callable[[], None] | None) -> None:
+        if self._paho._sock is None:
+            raise ConnectionLost(f"could not publish on {topic}: not connected")
+        mid = self._paho._mid_generate()
+        self._queue(wire.encode_publish(topic.encode(), payload, mid, retain=retain), paho.PUBLISH | 0x02, mid)
+        if on_ack is not None:
+            self.acks[mid] = on_ack
+
+    def _queue(self, packet: bytes, command: int, mid: int) -> None:
+        self._paho._out_packet.append({"command": command, "mid": mid, "qos": 1, "pos": 0,
+                                       "to_process": len(packet), "packet": packet, "info": None})
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        try:
+            self._paho.loop_write()  # what is left after a partial write waits for the socket (paho's way)
+        except Exception as exc:  # as aiomqtt's own write callback: the connection is broken
+            self._on_error(exc)
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def _read(self) -> MQTTErrorCode:
+        """paho's ``_packet_read``: called (through ``loop_read``) when the socket is readable."""
+        client = self._paho
+        try:
+            data = client._sock_recv(READ_SIZE)
+        except BlockingIOError:
+            return paho.MQTT_ERR_AGAIN
+        except OSError as exc:
+            logger.debug("receiving from the broker failed: %s", exc)
+            return paho.MQTT_ERR_CONN_LOST
+        if not data:
+            return paho.MQTT_ERR_CONN_LOST
+        with client._msgtime_mutex:
+            client._last_bytes_received = time.monotonic()
+        if self._rest:
+            self._rest.append(data)
+            self._have += len(data)
+            if self._have < self._want:
+                return paho.MQTT_ERR_SUCCESS
+            data = b"".join(self._rest)
+            self._rest.clear()
+        try:
+            while data:
+                packets, used, want = wire.frames(data)
+                if not packets:
+                    self._keep(data, want)
+                    break
+                data = data[used:]
+                for first, body in packets:  # (packets ahead of something malformed are handled first)
+                    rc = self._handle(first, body)
+                    if rc != paho.MQTT_ERR_SUCCESS:
+                        return rc
+        except wire.Malformed as exc:
+            logger.warning("the broker sent something that is not MQTT (%s): reconnecting", exc)
+            return paho.MQTT_ERR_PROTOCOL
+        return paho.MQTT_ERR_SUCCESS
+
+    def _keep(self, rest: bytes, want: int = 0) -> None:
+        self._rest = [rest]
+        self._have = len(rest)
+        self._want = want
+
+    def _handle(self, first: int, body: bytes) -> MQTTErrorCode:
+        kind = first & 0xF0
+        if kind == wire.PUBLISH:
+            message = wire.decode_publish(first, body)
+            if message.qos < 2:
+                # A topic that is not UTF-8 (which a broker should never forward) is decoded with replacements:
+                # it matches no topic of ours and is dropped as such.
+                self._deliver(message.topic.decode("utf-8", "replace"), message.payload, message.retain)
+                if message.qos == 1:
+                    self._queue(wire.encode_puback(message.mid), paho.PUBACK, message.mid)
+                return paho.MQTT_ERR_SUCCESS
+        elif kind == wire.PUBACK and len(body) == 2:
+            on_ack = self.acks.pop(wire.decode_puback(body), None)
+            if on_ack is not None:
+                on_ack()
+                return paho.MQTT_ERR_SUCCESS
+        return self._to_paho(first, body)
+
+    def _to_paho(self, first: int, body: bytes) -> MQTTErrorCode:
+        """Let paho handle the packet, as its own ``_packet_read`` does once it has read one."""
+        client = self._paho
+        client._in_packet = {"command": first, "have_remaining": 1, "remaining_count": [], "remaining_mult": 1,
+                             "remaining_length": len(body), "packet": bytearray(body), "to_process": 0, "pos": 0}
+        try:
+            return client._packet_handle()
+        except MalformedPacket as exc:
+            logger.warning("the broker sent a malformed packet (%s): reconnecting", exc)
+            return paho.MQTT_ERR_PROTOCOL
+        finally:
+            client._in_packet = _fresh_in_packet()
+
+
+def _fresh_in_packet() -> _InPacket:
+    """paho's state of a packet not begun (as its ``_packet_read`` resets it)."""
+    return {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1, "remaining_length": 0,
+            "packet": bytearray(b""), "to_process": 0, "pos": 0}
+
+
 class MqttSession:
     """One live connection over aiomqtt (``hasync.transport.Session``)."""
 
@@ -146,18 +242,23 @@ class MqttSession:
         self._paho = client._client
         self._inbox = _Lanes(urgent or _never)
         self._arrived = asyncio.Event()
-        # Replaces aiomqtt's callback: the messages go to our queue, not to aiomqtt's.
-        self._paho.on_message = self._on_message
         self._disconnected: asyncio.Future[None] = client._disconnected
         self._disconnected.add_done_callback(lambda _: self._arrived.set())
+        self._wire = _Wire(self._paho, self._receive, self._broken)
+        # What paho still delivers itself (a QoS 2 message, which the agent never asks for) goes to our inbox
+        # too, not to aiomqtt's queue.
+        self._paho.on_message = self._on_message
+
+    def _receive(self, topic: str, payload: bytes, retain: bool) -> None:
+        self._inbox.append(Incoming(topic, payload, retain))
+        self._arrived.set()
 
     def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
-        # Called by paho on the event loop's thread, from aiomqtt's read callback. A topic that is not
-        # UTF-8 (which a broker should never forward) is decoded with replacements: it matches no topic of
-        # ours and is dropped as such, instead of raising inside paho, which would end the connection.
-        topic = message._topic.decode("utf-8", "replace")
-        self._inbox.append(Incoming(topic, bytes(message.payload), bool(message.retain)))
-        self._arrived.set()
+        self._receive(message._topic.decode("utf-8", "replace"), bytes(message.payload), bool(message.retain))
+
+    def _broken(self, exc: Exception) -> None:
+        if not self._disconnected.done():
+            self._disconnected.set_exception(exc)
 
     async def subscribe(self, *topics: str) -> None:
         try:
@@ -167,18 +268,7 @@ class MqttSession:
             raise _translate(exc) from exc
 
     def send(self, topic: str, payload: bytes, *, retain: bool, on_ack: Callable[[], None] | None = None) -> None:
-        # aiomqtt's publish() awaits the acknowledgement; its paho client puts the packet on the wire (or in
-        # its own ordered queue) synchronously, which is what keeps publishes in order without a task each.
-        # The acknowledgement is routed through aiomqtt's table of pending publishes (pinned: aiomqtt 2.x).
-        info = self._paho.publish(topic, payload, 1, retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise ConnectionLost(f"could not publish on {topic}: {paho.error_string(info.rc)}")
-        if on_ack is None:
-            return
-        if info.is_published():
-            on_ack()
-        else:
-            self._client._pending_publishes[info.mid] = _Acknowledged(on_ack)  # type: ignore[assignment]
+        self._wire.send(topic, payload, retain=retain, on_ack=on_ack)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         try:
@@ -271,7 +361,6 @@ async def connect(cfg: BrokerConfig, client_id: str, will: Will | None = None, *
     try:
         async with client:
             no_delay(client)
-            buffer_reads(client)
             yield MqttSession(client, urgent)
     except aiomqtt.MqttError as exc:
         raise _translate(exc) from exc
@@ -304,15 +393,6 @@ def no_delay(client: aiomqtt.Client) -> None:
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def buffer_reads(client: aiomqtt.Client) -> None:
-    """Serve paho's reads of a connected client from a buffer (:class:`_BufferedReads`), and join its queued
-    packets into one write (:func:`_write_queued`)."""
-    paho_client = client._client
-    if paho_client._sock is not None and not isinstance(paho_client._sock, _BufferedReads):
-        paho_client._sock = _BufferedReads(paho_client._sock)
-    paho_client._packet_write = functools.partial(_write_queued, paho_client)  # type: ignore[method-assign]
 
 
 def connector(cfg: BrokerConfig, *, urgent: Callable[[str], bool] | None = None) -> Connect:

@@ -1,14 +1,15 @@
-"""hasync.mqtt's per-message paths around paho: buffered reads, joined writes, the drained inbox.
+"""hasync.mqtt's per-message paths around paho: reads framed by hasync.wire, joined writes, the drained inbox.
 
-The unit tests drive the pieces with a socket pair and a stand-in for paho's write queue; the integration
-tests send bursts through a real connection and check that every message arrives, once, in order, and that
-every publish is acknowledged (on both brokers).
+The unit tests drive the pieces with a socket pair under a real paho client, and a stand-in for paho's write
+queue; the integration tests send bursts through a real connection and check that every message arrives,
+once, in order, and that every publish is acknowledged (on both brokers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import socket
 import threading
@@ -18,53 +19,136 @@ import paho.mqtt.client as paho
 import pytest
 
 from harness.brokers import BrokerProcess
+from hasync import wire
 from hasync.config import BrokerConfig
-from hasync.mqtt import READ_SIZE, WRITE_SIZE, _BufferedReads, _write_queued, connect, raise_lost_cancellation
-from hasync.transport import Incoming
+from hasync.mqtt import WRITE_SIZE, _Wire, _write_queued, connect, raise_lost_cancellation
+from hasync.transport import ConnectionLost, Incoming
 
-# ---- reads --------------------------------------------------------------------------------------
-
-
-def test_buffered_reads_serve_small_reads_from_one_recv() -> None:
-    left, right = socket.socketpair()
-    with left, right:
-        left.setblocking(False)
-        counted = _CountingSocket(left)
-        reads = _BufferedReads(counted)
-        right.sendall(b"\x40\x02\x00\x01" * 3)  # three PUBACKs, as paho reads them: type, length, body
-        got = [reads.recv(1), reads.recv(1), reads.recv(2)]
-        assert got == [b"\x40", b"\x02", b"\x00\x01"]
-        assert reads.pending() == 8  # what aiomqtt's read callback looks at to call paho again
-        assert b"".join(reads.recv(4) for _ in range(2)) == b"\x40\x02\x00\x01" * 2
-        assert counted.calls == 1
-        assert reads.pending() == 0
-        with pytest.raises(BlockingIOError):  # empty buffer, nothing on the socket: paho's "again"
-            reads.recv(1)
-        right.sendall(b"x" * (READ_SIZE + 10))
-        assert len(reads.recv(READ_SIZE + 10)) <= READ_SIZE + 10  # a big read goes to the socket as asked
-        right.close()
-        while reads.pending():
-            reads.recv(READ_SIZE)
-        while True:  # the end of the stream reaches paho as b""
-            try:
-                if reads.recv(1) == b"":
-                    break
-            except BlockingIOError:
-                continue
-        assert reads.fileno() == left.fileno()  # everything else is the socket's
+# ---- reads and sends (hasync.mqtt._Wire, on a real paho client whose socket is one end of a pair) ------
 
 
-class _CountingSocket:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.calls = 0
+class _WireRig:
+    def __init__(self, *, partial: bytes = b"") -> None:
+        self.left, self.right = socket.socketpair()
+        self.left.setblocking(False)
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="wire")
+        self.client._sock = self.left
+        if partial:  # a packet paho had begun to read when the connection came up
+            self.client._in_packet["command"] = partial[0]
+            self.client._in_packet["remaining_count"] = [partial[1]]
+            self.client._in_packet["remaining_length"] = partial[1]
+            self.client._in_packet["have_remaining"] = 1
+            self.client._in_packet["packet"] = bytearray(partial[2:])
+        self.delivered: list[tuple[str, bytes, bool]] = []
+        self.errors: list[Exception] = []
+        self.wire = _Wire(self.client, lambda *m: self.delivered.append(m), self.errors.append)
 
-    def recv(self, size: int) -> bytes:
-        self.calls += 1
-        return self.sock.recv(size)
+    def close(self) -> None:
+        self.left.close()
+        self.right.close()
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def read_all(self) -> None:
+        for _ in range(1000):
+            before = self.client._last_bytes_received
+            self.client.loop_read()
+            if self.client._last_bytes_received == before or self.client._sock is None:
+                return
+        raise AssertionError("loop_read never ran out of bytes")
+
+    def sent(self) -> list[tuple[int, bytes]]:
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            self.right.setblocking(False)
+            while chunk := self.right.recv(1 << 20):
+                data += chunk
+        packets, used, _ = wire.frames(data)
+        assert used == len(data)
+        return packets
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
+async def test_packets_read_in_any_pieces_are_delivered_acknowledged_or_handed_to_paho(chunk: int) -> None:
+    rig = _WireRig()
+    try:
+        acked: list[str] = []
+        rig.wire.send("t/mine", b"x", retain=False, on_ack=lambda: acked.append("mine"))
+        mine = rig.client._out_packet[-1]["mid"]
+        rig.client._ping_t = 123.0
+        subscribed: list[int] = []
+        rig.client.on_subscribe = lambda _c, _u, mid, _codes, _p: subscribed.append(mid)
+        stream = b"".join([
+            wire.encode_publish(b"t/a", b"retained", 7, retain=True),
+            bytes([0x30, 6, 0, 3]) + b"t/bQ",  # QoS 0: delivered, not acknowledged
+            wire.encode_puback(mine),
+            b"\x90\x03\x00\x2a\x01",  # SUBACK of packet 42: paho's
+            b"\xd0\x00",  # PINGRESP: paho's
+            wire.encode_publish(b"t/\xff", b"big" * 30_000, 8, retain=False),  # a topic that is not UTF-8
+        ])
+        for k in range(0, len(stream), chunk):
+            rig.right.sendall(stream[k:k + chunk])
+            rig.read_all()
+        await asyncio.sleep(0)  # the write queued at the first acknowledgement goes out at the loop's next turn
+        assert rig.delivered == [("t/a", b"retained", True), ("t/b", b"Q", False),
+                                 ("t/\ufffd", b"big" * 30_000, False)]
+        assert acked == ["mine"]
+        assert subscribed == [42]
+        assert rig.client._ping_t == 0
+        sent = rig.sent()
+        assert [p for p in sent if p[0] == wire.PUBACK] == [(wire.PUBACK, b"\x00\x07"), (wire.PUBACK, b"\x00\x08")]
+        assert wire.decode_publish(*sent[0]) == wire.Publish(b"t/mine", b"x", 1, False, mine)
+        assert rig.errors == []
+    finally:
+        rig.close()
+
+
+async def test_a_packet_paho_began_to_read_is_taken_over() -> None:
+    packet = wire.encode_publish(b"t/a", b"payload", 9, retain=False)
+    rig = _WireRig(partial=packet[:6])
+    try:
+        assert rig.client._in_packet["command"] == 0
+        rig.right.sendall(packet[6:])
+        rig.read_all()
+        assert rig.delivered == [("t/a", b"payload", False)]
+    finally:
+        rig.close()
+
+
+async def test_bytes_that_are_not_mqtt_end_the_connection() -> None:
+    rig = _WireRig()
+    try:
+        disconnected: list[object] = []
+        rig.client.on_disconnect = lambda *args: disconnected.append(args)
+        rig.right.sendall(wire.encode_publish(b"t/a", b"ok", 1, retain=False) + b"\x30\xff\xff\xff\xff\x01")
+        rig.client.loop_read()
+        assert rig.delivered == [("t/a", b"ok", False)]
+        assert rig.client._sock is None and disconnected  # paho closed it and told aiomqtt
+    finally:
+        rig.close()
+
+
+async def test_publishes_sent_in_one_turn_leave_in_one_write_and_each_ack_is_called_once() -> None:
+    rig = _WireRig()
+    try:
+        acked: list[int] = []
+        for i in range(50):
+            rig.wire.send(f"t/{i}", b"p" * i, retain=i % 2 == 0, on_ack=functools.partial(acked.append, i))
+        sends: list[int] = []
+        original = rig.client._sock_send
+        rig.client._sock_send = lambda data: sends.append(len(data)) or original(data)  # type: ignore[method-assign,func-returns-value]
+        await asyncio.sleep(0)
+        assert len(sends) == 1
+        published = [wire.decode_publish(f, b) for f, b in rig.sent()]
+        assert [(p.topic, p.payload, p.retain) for p in published] == [
+            (f"t/{i}".encode(), b"p" * i, i % 2 == 0) for i in range(50)]
+        for p in reversed(published):
+            rig.right.sendall(wire.encode_puback(p.mid) * 2)  # a second acknowledgement is paho's (it ignores it)
+        rig.read_all()
+        assert acked == list(reversed(range(50)))
+        rig.client._sock = None
+        with pytest.raises(ConnectionLost):
+            rig.wire.send("t/x", b"", retain=False, on_ack=None)
+    finally:
+        rig.close()
 
 
 # ---- writes -------------------------------------------------------------------------------------
