@@ -197,6 +197,9 @@ class FakeSession:
         if on_ack is not None:
             fake.acknowledge(self, on_ack)
 
+    def flush(self) -> None:
+        """Nothing to write: ``send`` delivers at once."""
+
     async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         acked = asyncio.Event()
         self.send(topic, payload, retain=retain, on_ack=acked.set)

@@ -147,8 +147,21 @@ class _Wire:
 
     def _flush(self) -> None:
         self._flush_due = False
+        self.flush()
+
+    def flush(self) -> None:
+        client = self._paho
+        if not client._out_packet or client._sock is None:
+            return
         try:
-            self._paho.loop_write()  # what is left after a partial write waits for the socket (paho's way)
+            rc = _write_queued(client)
+            if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
+                client._loop_rc_handle(rc)
+            elif client._out_packet:
+                # The rest waits for the socket, paho's way. Never unregister here: aiomqtt adds the writer at
+                # the loop's next turn (call_soon_threadsafe) and removes it at once, so an unregistering write
+                # between the two would leave a writer that paho believes gone, called on every turn.
+                client._call_socket_register_write()
         except Exception as exc:  # as aiomqtt's own write callback: the connection is broken
             self._on_error(exc)
 
@@ -269,6 +282,9 @@ class MqttSession:
 
     def send(self, topic: str, payload: bytes, *, retain: bool, on_ack: Callable[[], None] | None = None) -> None:
         self._wire.send(topic, payload, retain=retain, on_ack=on_ack)
+
+    def flush(self) -> None:
+        self._wire.flush()
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         try:

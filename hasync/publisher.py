@@ -166,6 +166,7 @@ class Publisher:
     # ---- the pump -------------------------------------------------------------------------------
 
     def _pump(self, session: Session) -> None:
+        sent = self.sent
         while self._control and len(self._in_flight) < self._max:
             self._send(session, self._control.popleft(), bulk=False)
         while (self._bulk is not None and not self._closing and self._bulk_count < self._bulk_max
@@ -174,6 +175,8 @@ class Publisher:
             if message is None:
                 break
             self._send(session, message, bulk=True)
+        if self.sent != sent:
+            session.flush()
 
     def _send(self, session: Session, message: Outgoing, *, bulk: bool) -> None:
         self._next_id += 1

@@ -50,8 +50,12 @@ class Session(Protocol):
     async def subscribe(self, *topics: str) -> None: ...
 
     def send(self, topic: str, payload: bytes, *, retain: bool, on_ack: Callable[[], None] | None = None) -> None:
-        """Put a publish on the wire now, behind every earlier ``send`` of this session; ``on_ack`` is called
-        when the broker acknowledges it (never, if the connection is lost first)."""
+        """Queue a publish behind every earlier ``send`` of this session; it goes on the wire at ``flush`` or at
+        the event loop's next turn, whichever comes first. ``on_ack`` is called when the broker acknowledges it
+        (never, if the connection is lost first)."""
+
+    def flush(self) -> None:
+        """Write what ``send`` queued now (a burst of sends goes out in one write)."""
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         """``send`` and wait for the acknowledgement."""

@@ -151,6 +151,34 @@ async def test_publishes_sent_in_one_turn_leave_in_one_write_and_each_ack_is_cal
         rig.close()
 
 
+async def test_a_write_of_ours_never_leaves_aiomqtt_a_writer_paho_believes_gone() -> None:
+    # aiomqtt adds the writer paho asks for at the loop's next turn and removes it at once; a write of ours
+    # between the two that unregistered would leave a writer called on every turn (an agent at 100 % CPU).
+    rig = _WireRig()
+    try:
+        loop = asyncio.get_running_loop()
+        calls = 0
+
+        def writable() -> None:
+            nonlocal calls
+            calls += 1
+            rig.client.loop_write()
+
+        rig.client.on_socket_register_write = lambda _c, _u, sock: loop.call_soon_threadsafe(
+            loop.add_writer, sock.fileno(), writable)
+        rig.client.on_socket_unregister_write = lambda _c, _u, sock: loop.remove_writer(sock.fileno())
+        rig.client._send_pingreq()  # paho's own packet: it registers for writing
+        rig.wire.send("t/x", b"mine", retain=False, on_ack=None)
+        rig.wire.flush()  # writes both before aiomqtt's add_writer has run
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert [f for f, _ in rig.sent()] == [paho.PINGREQ, wire.PUBLISH | 0x02]
+        assert calls <= 1
+        loop.remove_writer(rig.left.fileno())
+    finally:
+        rig.close()
+
+
 # ---- writes -------------------------------------------------------------------------------------
 
 
