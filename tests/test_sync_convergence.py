@@ -127,7 +127,10 @@ class Cluster:
         return (T0 if n.stuck else self.t) + n.offset
 
     def feed(self, n: SimNode, ev: Event) -> None:
-        for action in n.sync.handle(ev, self.wall(n)):
+        actions = n.sync.handle(ev, self.wall(n))
+        # pending() is kept per event: it must equal a count over every entity after each one.
+        assert n.sync.pending() == sum(not n.sync._settled(ent) for ent in n.sync._entities.values())
+        for action in actions:
             match action:
                 case Publish(record=record, retain=retain):
                     assert retain and n.connected and n.synced, "published outside a synced connection"

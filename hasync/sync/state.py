@@ -452,6 +452,7 @@ class SyncState:
         self._ever_synced = False  # the clock has absorbed a retained snapshot: local changes may be stamped
         self._ha_known = False  # a LocalSnapshot has told what HA holds
         self._entities: dict[str, _Entity] = {}
+        self._unsettled: set[str] = set()  # the entities ``pending`` counts, brought up to date by every event
 
     # ---- queries --------------------------------------------------------------------------------
 
@@ -470,30 +471,38 @@ class SyncState:
 
     def pending(self) -> int:
         """How many entities have work outstanding: a change not yet stamped, an Apply that is needed or
-        unanswered, or a best record the bus has not been seen to hold (this connection)."""
-        return sum(1 for ent in self._entities.values() if not self._settled(ent))
+        unanswered, or a best record the bus has not been seen to hold (this connection). Kept as events are
+        handled (metrics and status read it often; a pass over ten thousand entities each time is not free)."""
+        return len(self._unsettled)
 
     # ---- the entry point ------------------------------------------------------------------------
 
     def handle(self, event: Event, now_wall_ms: int) -> list[Action]:
         actions: list[Action] = []
         now = now_wall_ms
+        touched: str | None = None  # the one entity the event may change; None: any of them
         match event:
             case LocalChange(entity_id=entity_id, state=state, attributes=attributes, appeared=appeared):
+                touched = entity_id
                 self._on_local(entity_id, (state, dict(attributes)), now, actions, appeared=appeared)
             case EntityRemoved(entity_id=entity_id):
+                touched = entity_id
                 self._on_local(entity_id, None, now, actions)
             case RemoteVersion(record=record, retained=retained):
+                touched = record.entity_id
                 self._on_remote(record, retained, now, actions)
             case RemoteUnreadable(entity_id=entity_id, retained=retained):
+                touched = entity_id
                 self._on_unreadable(entity_id, retained, now, actions)
             case AppliedRemote(entity_id=entity_id, version=version):
+                touched = entity_id
                 ent = self._answered(entity_id, version, actions)
                 if ent is not None and ent.applying is not None:
                     ent.local = ent.applying.value
                     ent.applying = None
                     self._reconcile(ent, now, actions)
             case ApplyFailed(entity_id=entity_id, version=version, reason=reason):
+                touched = entity_id
                 ent = self._answered(entity_id, version, actions)
                 if ent is not None:
                     ent.applying = None
@@ -519,7 +528,18 @@ class SyncState:
                     self._reconcile_all(now, actions)
             case Tick():
                 self._reconcile_all(now, actions, retry=True)
+        self._recount(touched)
         return actions
+
+    def _recount(self, entity_id: str | None) -> None:
+        if entity_id is None:
+            self._unsettled = {e for e, ent in self._entities.items() if not self._settled(ent)}
+            return
+        ent = self._entities.get(entity_id)
+        if ent is None or self._settled(ent):
+            self._unsettled.discard(entity_id)
+        else:
+            self._unsettled.add(entity_id)
 
     # ---- events ---------------------------------------------------------------------------------
 
