@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,12 +47,21 @@ FAST_ELECTION = {
 FAST_FENCED_ELECTION = {**FAST_ELECTION, "lease_duration": 2.75, "renew_deadline": 1.5}
 
 
+class _NoDelayConnection(http.client.HTTPConnection):
+    """Nagle's algorithm off. http.client writes a request's head and its body separately; on a kept-alive
+    connection the body would then wait for the server's delayed acknowledgement of the head (up to 40 ms)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MemoryApi:
     """A client of an agent's memory-backend API (``hasync.sync.memory``), on one keep-alive connection."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.conn = _NoDelayConnection("127.0.0.1", port, timeout=30)
 
     def close(self) -> None:
         self.conn.close()

@@ -2,10 +2,13 @@
 
 A small HTTP/1.1 server on asyncio's streams, not a web framework: three GET endpoints do not need one, and
 aiohttp's server costs an agent about 14 MiB of memory (it is still imported where the agent talks to Home
-Assistant). One request per connection (``Connection: close``), which every health checker and Prometheus
-accept. Whatever a client sends is bounded: the request line and headers (``MAX_HEAD``), a body
-(``MAX_BODY``, with ``Content-Length`` only) and the time it takes (``REQUEST_TIMEOUT``); anything else is a
-4xx answer or a closed connection, never an error in the agent.
+Assistant). HTTP/1.1 keep-alive: a client may send its requests one after another on one connection (Prometheus
+does, and so do the benchmarks, a thousand changes a second); ``Connection: close``, HTTP/1.0 without
+``Connection: keep-alive``, an answer to a malformed request and ``KEEP_ALIVE_REQUESTS`` requests end it.
+Whatever a client sends is bounded: the request line and headers (``MAX_HEAD``), a body (``MAX_BODY``, with
+``Content-Length`` only) and the time it takes (``REQUEST_TIMEOUT``, which is also how long a connection may
+wait idle for its next request); anything else is a 4xx answer or a closed connection, never an error in
+the agent.
 
 Other parts of the agent may add routes of their own (``routes``): the memory sync backend's test API is
 served only when that backend is configured (``hasync.sync.memory``).
@@ -28,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024  # request line and headers
 MAX_BODY = 1024 * 1024
-REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request
+REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request (or, kept alive, to begin the next one)
+KEEP_ALIVE_REQUESTS = 10_000  # requests on one connection before the server closes it
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
             413: "Content Too Large", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
@@ -45,6 +49,7 @@ class Request:
     query: Mapping[str, str]
     body: bytes = b""
     params: Mapping[str, str] = field(default_factory=dict)  # the route's {name} parts
+    keep_alive: bool = False  # the client will send more on this connection (HTTP/1.1 unless it says close)
 
 
 @dataclass(frozen=True)
@@ -143,28 +148,40 @@ class HttpServer:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
-        head_only = False
         try:
-            try:
-                async with asyncio.timeout(REQUEST_TIMEOUT):
-                    request = await _read_request(reader)
-                head_only = request.method == "HEAD"
-                response = await self._dispatch(request)
-            except _BadRequest as exc:
-                response = Response.text(f"{exc}\n", exc.status)
-            except TimeoutError:
-                response = Response.text("request timeout\n", 408)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                return
-            except Exception:  # a handler's bug: an answer, a log line, and the agent goes on
-                logger.exception("HTTP handler failed")
-                response = Response.text("internal error\n", 500)
-            await _write(writer, response, head_only=head_only)
+            for served in range(KEEP_ALIVE_REQUESTS):
+                if not await self._serve_one(reader, writer, first=served == 0,
+                                             last=served == KEEP_ALIVE_REQUESTS - 1):
+                    return
         except (ConnectionError, TimeoutError):
             pass
         finally:
             self._clients.discard(task)
             writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, first: bool,
+                         last: bool) -> bool:
+        """Read one request and answer it; True if the connection stays open for the next."""
+        head_only = keep_alive = False
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await _read_request(reader)
+            head_only = request.method == "HEAD"
+            keep_alive = request.keep_alive and not last
+            response = await self._dispatch(request)
+        except _BadRequest as exc:
+            response = Response.text(f"{exc}\n", exc.status)
+        except TimeoutError:
+            if not first:
+                return False  # a kept-alive connection left idle: closed without a word
+            response = Response.text("request timeout\n", 408)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return False
+        except Exception:  # a handler's bug: an answer, a log line, and the agent goes on
+            logger.exception("HTTP handler failed")
+            response = Response.text("internal error\n", 500)
+        await _write(writer, response, head_only=head_only, keep_alive=keep_alive)
+        return keep_alive
 
     async def _dispatch(self, request: Request) -> Response:
         allowed = []
@@ -174,7 +191,7 @@ class HttpServer:
                 continue
             if route.method == request.method or (route.method == "GET" and request.method == "HEAD"):
                 return await route.handler(Request(request.method, request.path, request.query, request.body,
-                                                   params))
+                                                   params, request.keep_alive))
             allowed.append(route.method)
         if allowed:
             return Response.text(f"method {request.method} not allowed here ({', '.join(allowed)})\n", 405)
@@ -206,7 +223,7 @@ async def _read_request(reader: asyncio.StreamReader) -> Request:
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise _BadRequest(400, "not an HTTP/1.x request line")
-    method, target, _ = parts
+    method, target, version = parts
     headers: dict[str, str] = {}
     for line in lines[1:]:
         if not line:
@@ -228,12 +245,15 @@ async def _read_request(reader: asyncio.StreamReader) -> Request:
     url = urlsplit(target)
     if not url.path.startswith("/"):
         raise _BadRequest(400, "the target must be a path")
-    return Request(method, url.path, dict(parse_qsl(url.query)), body)
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+    return Request(method, url.path, dict(parse_qsl(url.query)), body, keep_alive=keep_alive)
 
 
-async def _write(writer: asyncio.StreamWriter, response: Response, *, head_only: bool) -> None:
+async def _write(writer: asyncio.StreamWriter, response: Response, *, head_only: bool, keep_alive: bool) -> None:
     reason = _REASONS.get(response.status, "Unknown")
     head = (f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: {response.content_type}\r\n"
-            f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n").encode()
+            f"Content-Length: {len(response.body)}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
     writer.write(head if head_only else head + response.body)
     await writer.drain()

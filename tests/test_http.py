@@ -54,7 +54,7 @@ async def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str,
 async def test_the_endpoints_answer_by_role_and_readiness() -> None:
     async with server(primary=False, ready=True) as s:
         status, headers, body = await get(s.port, "/healthz")
-        assert status == 200 and headers["Content-Type"] == "application/json" and headers["Connection"] == "close"
+        assert status == 200 and headers["Content-Type"] == "application/json"
         assert json.loads(body) == {"role": "standby"} and int(headers["Content-Length"]) == len(body)
         assert (await get(s.port, "/role"))[0] == 503
         status, headers, body = await get(s.port, "/metrics")
@@ -101,6 +101,52 @@ async def test_a_client_that_sends_nothing_is_timed_out(monkeypatch: pytest.Monk
     async with server() as s:
         status, _, _ = await exchange(s.port, b"GET /healthz HTTP/1.1\r\n", close=False)
         assert status == 408
+
+
+async def test_requests_follow_each_other_on_a_kept_alive_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def ask(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        writer.write(raw)
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode()
+        lines = head.strip().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        return int(lines[0].split(" ")[1]), headers, await reader.readexactly(int(headers["Content-Length"]))
+
+    async def closed() -> bool:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+
+    monkeypatch.setattr(http, "REQUEST_TIMEOUT", 0.3)
+    async with server() as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        for i in range(3):  # one connection, a request after another (the second with a body)
+            status, headers, body = await ask(b"PUT /things/t%d HTTP/1.1\r\nContent-Length: 1\r\n\r\nx" % i)
+            assert status == 200 and headers["Connection"] == "keep-alive" and json.loads(body)["params"] == {
+                "name": f"t{i}"}
+        status, headers, _ = await ask(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert status == 200 and headers["Connection"] == "close" and await closed()
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        status, headers, _ = await ask(b"GET /healthz HTTP/1.0\r\n\r\n")  # 1.0: closed unless asked
+        assert headers["Connection"] == "close" and await closed()
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        assert (await ask(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"))[1]["Connection"] == (
+            "keep-alive")
+        status, headers, _ = await ask(b"GET /healthz HTTP/1.1\r\nno colon\r\n\r\n")  # malformed: answered, closed
+        assert status == 400 and headers["Connection"] == "close" and await closed()
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        assert (await ask(b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200
+        assert await closed()  # left idle past the timeout: closed without an answer
+        writer.close()
+
+        monkeypatch.setattr(http, "KEEP_ALIVE_REQUESTS", 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        assert (await ask(b"GET /healthz HTTP/1.1\r\n\r\n"))[1]["Connection"] == "keep-alive"
+        assert (await ask(b"GET /healthz HTTP/1.1\r\n\r\n"))[1]["Connection"] == "close" and await closed()
+        writer.close()
 
 
 async def test_a_failing_handler_is_a_500_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
