@@ -62,18 +62,22 @@ def _translate(exc: aiomqtt.MqttError) -> MqttFailure:
     return ConnectionLost(str(exc) or type(exc).__name__)
 
 
-def _write_queued(client: paho.Client) -> MQTTErrorCode:
+def _write_queued(client: paho.Client, *, only_ours: bool = False) -> MQTTErrorCode:
     """paho's ``_packet_write`` with the queued packets joined into one ``send`` (up to ``WRITE_SIZE``).
 
     The queue holds packets to send in order; a packet partly sent stays at its head with its position, as
     paho keeps it. A QoS 0 publish or a DISCONNECT (which paho completes with callbacks and, for the
     latter, by closing the socket) is left to paho's own method: the agent sends neither in normal operation.
+    ``only_ours`` (a write of :class:`_Wire`'s, not from paho's writer): then they are left alone altogether,
+    with what is queued before them, for paho's writer, which paho registered when it queued them. (Written
+    here, the DISCONNECT closes the socket before aiomqtt adds that writer, at the loop's next turn, and the
+    event loop logs a traceback for the closed file descriptor.)
     """
     queue = client._out_packet
     while queue:
         if any(p["command"] & 0xF0 == paho.DISCONNECT or (p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0)
                for p in queue):
-            return paho.Client._packet_write(client)
+            return paho.MQTT_ERR_SUCCESS if only_ours else paho.Client._packet_write(client)
         chunks: list[bytes | bytearray | memoryview] = []
         size = 0
         for p in queue:
@@ -154,7 +158,7 @@ class _Wire:
         if not client._out_packet or client._sock is None:
             return
         try:
-            rc = _write_queued(client)
+            rc = _write_queued(client, only_ours=True)
             if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
                 client._loop_rc_handle(rc)
             elif client._out_packet:
@@ -274,9 +278,9 @@ class MqttSession:
             self._disconnected.set_exception(exc)
 
     async def subscribe(self, *topics: str) -> None:
+        """One SUBSCRIBE for all ``topics``: one round trip to the broker, not one each."""
         try:
-            for topic in topics:
-                await self._client.subscribe(topic, qos=1)
+            await self._client.subscribe([(topic, 1) for topic in topics])
         except aiomqtt.MqttError as exc:
             raise _translate(exc) from exc
 

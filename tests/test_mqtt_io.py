@@ -13,6 +13,7 @@ import contextlib
 import functools
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -151,6 +152,13 @@ async def test_publishes_sent_in_one_turn_leave_in_one_write_and_each_ack_is_cal
         rig.close()
 
 
+def _as_aiomqtt_does(rig: _WireRig, loop: asyncio.AbstractEventLoop, writable: Callable[[], None]) -> None:
+    """paho's write (un)registration, as aiomqtt sets it up: added at the loop's next turn, removed at once."""
+    rig.client.on_socket_register_write = lambda _c, _u, sock: loop.call_soon_threadsafe(
+        loop.add_writer, sock.fileno(), writable)
+    rig.client.on_socket_unregister_write = lambda _c, _u, sock: loop.remove_writer(sock.fileno())
+
+
 async def test_a_write_of_ours_never_leaves_aiomqtt_a_writer_paho_believes_gone() -> None:
     # aiomqtt adds the writer paho asks for at the loop's next turn and removes it at once; a write of ours
     # between the two that unregistered would leave a writer called on every turn (an agent at 100 % CPU).
@@ -164,9 +172,7 @@ async def test_a_write_of_ours_never_leaves_aiomqtt_a_writer_paho_believes_gone(
             calls += 1
             rig.client.loop_write()
 
-        rig.client.on_socket_register_write = lambda _c, _u, sock: loop.call_soon_threadsafe(
-            loop.add_writer, sock.fileno(), writable)
-        rig.client.on_socket_unregister_write = lambda _c, _u, sock: loop.remove_writer(sock.fileno())
+        _as_aiomqtt_does(rig, loop, writable)
         rig.client._send_pingreq()  # paho's own packet: it registers for writing
         rig.wire.send("t/x", b"mine", retain=False, on_ack=None)
         rig.wire.flush()  # writes both before aiomqtt's add_writer has run
@@ -176,6 +182,36 @@ async def test_a_write_of_ours_never_leaves_aiomqtt_a_writer_paho_believes_gone(
         assert calls <= 1
         loop.remove_writer(rig.left.fileno())
     finally:
+        rig.close()
+
+
+async def test_the_disconnect_is_written_by_paho_after_what_was_queued_before_it() -> None:
+    # A write of ours at the loop's next turn, due when the DISCONNECT is queued, must leave it to paho's writer:
+    # written by us, it closes the socket before aiomqtt adds that writer (an error logged with a traceback).
+    rig = _WireRig()
+    try:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+        def writable() -> None:
+            if rig.client._sock is not None:
+                rig.client.loop_write()
+
+        _as_aiomqtt_does(rig, loop, writable)
+        rig.wire.send("t/last", b"release", retain=True, on_ack=None)  # our write is due at the next turn
+        rig.client._send_disconnect()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        got = b""
+        while chunk := rig.right.recv(1 << 16):
+            got += chunk
+        packets, _, _ = wire.frames(got)
+        assert [f for f, _ in packets] == [wire.PUBLISH | 0x03, paho.DISCONNECT]
+        assert rig.client._sock is None  # paho closed it after the DISCONNECT
+        assert errors == []
+    finally:
+        loop.set_exception_handler(None)
         rig.close()
 
 
@@ -331,3 +367,4 @@ async def test_a_cancellation_that_wait_for_swallowed_is_raised_again() -> None:
     with pytest.raises(asyncio.CancelledError):
         print(await task)
     assert task.cancelled()
+
