@@ -117,7 +117,7 @@ class HttpServer:
         self._routes = [Route("GET", "/healthz", self._healthz), Route("GET", "/role", self._role),
                         Route("GET", "/metrics", self._metrics_handler), *routes]
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def __aenter__(self) -> HttpServer:
         try:
@@ -135,10 +135,14 @@ class HttpServer:
     async def __aexit__(self, *exc: object) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._clients):
-            task.cancel()
+        # Closing a connection ends its task (an idle kept-alive one reads the end of the stream). Not cancelled:
+        # Python 3.11's streams log a traceback for a cancelled connection task.
+        for writer in self._clients.values():
+            writer.close()
         if self._clients:
-            await asyncio.wait(self._clients, timeout=2)
+            _, late = await asyncio.wait(self._clients, timeout=2)
+            for task in late:
+                task.cancel()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -147,7 +151,7 @@ class HttpServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        self._clients[task] = writer
         try:
             for served in range(KEEP_ALIVE_REQUESTS):
                 if not await self._serve_one(reader, writer, first=served == 0,
@@ -156,7 +160,7 @@ class HttpServer:
         except (ConnectionError, TimeoutError):
             pass
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, first: bool,

@@ -149,6 +149,23 @@ async def test_requests_follow_each_other_on_a_kept_alive_connection(monkeypatch
         writer.close()
 
 
+async def test_closing_the_server_ends_kept_alive_connections_quietly() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        async with server() as s:
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"keep-alive\r\n\r\n"), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b"{\"role\": \"standby\"}"  # the body, then the end
+        writer.close()
+        await asyncio.sleep(0.05)  # (what a cancelled connection task would log comes a turn or two later)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+
+
 async def test_a_failing_handler_is_a_500_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
     async def broken(request: Request) -> Response:
         raise RuntimeError("bug")
