@@ -217,14 +217,19 @@ def compare(a: EntityRecord | None, b: EntityRecord | None) -> int:
 
 
 def _same_value(a: Value | None, b: Value | None) -> bool:
+    if a is b:
+        return True
     if a is None or b is None:
-        return a is b
+        return False
     return a[0] == b[0] and _same_json(a[1], b[1])
 
 
 def _same_json(x: object, y: object) -> bool:
     """Equal as JSON values, types included: not ==, since 1 == 1.0 == True in Python but HA would show them
-    differently. (Comparing canonical JSON strings gives the same answer, at many times the cost.)"""
+    differently. (Comparing canonical JSON strings gives the same answer, at many times the cost.) One object
+    is the same value: an applied record's attributes are what HA then holds, compared on every event."""
+    if x is y:
+        return True
     if type(x) is not type(y):
         return False
     if isinstance(x, dict):
