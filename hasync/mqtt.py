@@ -13,9 +13,11 @@ up (:class:`_Wire`; pinned: aiomqtt 2.x, paho 2.x, MQTT 3.1.1):
   it (SUBACK, PINGRESP, the PUBACKs of aiomqtt's ``publish``);
 * **sending**: ``send`` encodes the PUBLISH and puts it on paho's write queue, in order with whatever paho
   queues itself, without a task, a future or a message object per publish;
-* **writing**: what is queued goes out in one ``send`` (:func:`_write_queued`) at the event loop's next turn,
-  so a burst of publishes, and the acknowledgements of a burst received, cost one system call (paho writes
-  each packet with its own, after a round through ``call_soon_threadsafe`` and the selector);
+* **writing**: what is queued goes out in one ``send`` (:func:`_write_queued`) when the sender calls ``flush``
+  (the publisher, after each burst) or else at the event loop's next turn, so a burst of publishes, and the
+  acknowledgements of a burst received, cost one system call (paho writes each packet with its own, after a
+  round through ``call_soon_threadsafe`` and the selector). paho's own packets (a DISCONNECT, a QoS 0
+  publish) and what is queued before them are left to paho's writer;
 * **receiving**: ``messages()`` drains the inbox without awaiting between queued messages (aiomqtt makes a
   task and an ``asyncio.wait`` per message).
 """
