@@ -74,13 +74,21 @@ class MemoryApi:
 
     def raw(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         """Status and body, whatever they are (to test what the API refuses)."""
-        try:
-            self.conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
-            response = self.conn.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            self.conn.close()  # reconnects on the next request
-            raise
+        for attempt in range(2):
+            try:
+                self.conn.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+                response = self.conn.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # The agent closed the kept-alive connection while it was idle (hasync.http's REQUEST_TIMEOUT)
+                # before reading the request: sent again on a new connection, once, as HTTP clients do.
+                self.conn.close()
+                if attempt:
+                    raise
+            except (OSError, http.client.HTTPException):
+                self.conn.close()  # reconnects on the next request
+                raise
+        raise AssertionError("unreachable")
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         status, payload = self.raw(method, path, None if body is None else json.dumps(body).encode())
