@@ -106,8 +106,11 @@ async def run_demo(nodes: int = 3, duration: float | None = None) -> int:
     console = Console()
     interactive = duration is None and sys.stdout.isatty()
     with tempfile.TemporaryDirectory(prefix="hasync-demo-") as tmp:
-        # One HTTP session for every call to the agents' sync API (set and read entities).
-        async with EmbeddedBroker(host="127.0.0.1", port=0) as broker, aiohttp.ClientSession() as http:
+        # One HTTP session for every call to the agents' sync API (set and read entities), a connection per
+        # call: the demo pauses longer than an agent keeps an idle connection open (hasync.http).
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with (EmbeddedBroker(host="127.0.0.1", port=0) as broker,
+                    aiohttp.ClientSession(connector=connector) as http):
             demo = Demo(console, live=interactive, deadline=time.monotonic() + (duration or 120.0), http=http)
             url = f"mqtt://127.0.0.1:{broker.port}"
             demo.say(f"embedded amqtt broker on {url}")
