@@ -33,23 +33,35 @@ and `py-spy dump`:
 - **Sync latency and throughput are bounded by CPU on two cores.** An update crosses four processes that
   share the two cores: the load generator, agent A (HTTP request, stamping, JSON encoding, publishing,
   and recognising its own record when it comes back, which is how it knows the broker has it), the broker,
-  and agent B (parsing and validating the record, reconciling, applying). The plain loop has two clients
-  and the broker, and does no validation. Profiled 2026-11-22 (`py-spy record` at full rate): in A,
-  paho's socket reading and writing about 40 %, the HTTP handler about 12 %, the state machine about 10 %;
-  in B, about 25 % parsing (pydantic) and the state machine. Issue 13's changes (2026-12-03: buffered
-  reads, joined writes, the echo recognised by its bytes, the collector tuned) cut the CPU per update;
-  measured 2026-12-03 on the quiet machine (`footprint-load`): at 1,000 updates/s A spends 312 µs of CPU
-  per update (31 % of a core), B 147 µs. The throughput ratio went from 0.48 to 0.64 of the plain loop
-  (target 0.8), the latency p99 at 1,000/s is about twice the median: scheduling, four busy processes on
-  two cores. The machine itself was about half as fast that day as on 2026-11-22 (the plain loop's flat-out
-  rate 7,667 against 12,797 msg/s). Before commit 2865457 (TCP_NODELAY) sync was about 1,300 updates/s,
-  bounded by delayed ACKs, not CPU.
-- **Snapshot convergence** is measured from the joiner's process start: 1,000 entities take 565 ms and
-  10,000 take 1,175 ms (2026-12-03), so about 0.5 s is fixed (interpreter start, imports, connecting)
-  and each entity costs about 68 µs to receive, validate and apply.
+  and agent B (parsing and validating the record, reconciling, applying). Profiled 2026-11-22 (`py-spy
+  record`): in A, paho's socket reading and writing about 40 %, the HTTP handler about 12 %, the state
+  machine about 10 %. Issue 13's first changes (buffered reads, joined writes, the echo recognised by its
+  bytes, the collector tuned) brought A to 312 µs of CPU per update at 1,000/s and B to 147 µs (2026-12-03
+  morning, `footprint-load`). cProfile of both agents then (CPU time) still put paho's per-packet path (a
+  message object, properties and a log call per packet, three reads, a PUBACK built by paho) at about half of
+  A's CPU; since the afternoon of 2026-12-03 `hasync.wire` frames MQTT 3.1.1 itself and reads, acknowledges
+  and sends PUBLISH and PUBACK without paho (paho keeps the connection's lifecycle and every other packet),
+  the publisher writes each burst at once, and the HTTP API keeps connections alive: A 199 µs, B 118 µs per
+  update (`footprint-load`), RSS under load 47-48.5 MiB instead of 50-51. The plain aiomqtt loop still goes
+  through paho's per-packet path, so it is no longer a ceiling: sync applies 7,988 updates/s where the loop
+  receives 5,656 msg/s (ratio 1.41; amqtt 0.84). Latency at 1,000/s: p50 2.79, p95 3.90, p99 5.53 ms against
+  the plain loop's 0.68, 2.81 and 6.29 ms in the same run: at the 99th percentile the bus alone is above the
+  2 ms target on this machine, so the target is out of reach here whatever the agents do. Where a batch of
+  ten changes spends its time (timestamps traced in both agents, medians): A's HTTP handler 0.35-0.5 ms
+  (about 40 µs a change: JSON, stamping and validating the record twice), A's write 0.1-0.8 ms after it,
+  B's read 0.2-0.3 ms after that, B's apply 0.5 ms after its read; the rest is waiting for a core: a send on
+  loopback wakes the receiver, which often runs before the sender goes on (seen as a 2 ms `send`).
+- **Snapshot convergence** is measured from the joiner's process start: 1,000 entities take 544 ms and
+  10,000 take 962 ms (median of 5, 878-1,123 ms; 2026-12-03 afternoon, was 565 and 1,175 ms that morning),
+  so about 0.5 s is fixed and each entity costs about 46 µs to receive, validate and apply (was 68: the wire
+  path above, and `pending()` is now kept per event instead of a pass over every entity on each read of
+  `/metrics`, which the benchmark polls). The fixed part: the process start to the agent's first log line
+  takes 0.45-0.55 s, of which importing the CLI about 0.3 s, mostly building classes (pydantic models and
+  about 125 dataclasses; self time at import: `hasync.config` 46 ms, `hasync.election` 27, `hasync.sync.state`
+  23, `hasync.messages` 22, `python -X importtime`); connecting and subscribing take 20-60 ms more.
 - **RSS** is mostly imports. An agent that syncs no Home Assistant and exports nothing does not import
   aiohttp (only the Home Assistant link, the add-on's Supervisor client and the demo import it): idle
-  42.6 MiB (2026-12-03, `footprint`), 50-53 MiB at 1,000 updates/s, where 1,000 entities with their
+  42.7-42.8 MiB (2026-12-03, `footprint`), 47-50.5 MiB at 1,000 updates/s, where 1,000 entities with their
   records and the memory backend's apply log (a benchmark instrument, bounded to 50,000 entries) add the
   rest. Not measured here: an agent syncing with a real HA under load (aiohttp loaded).
 - **Federation at 1,000 entities** (`federation-ha`, investigated 2026-12-03 with `py-spy record` of the
