@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -194,8 +194,7 @@ class HttpServer:
             if params is None:
                 continue
             if route.method == request.method or (route.method == "GET" and request.method == "HEAD"):
-                return await route.handler(Request(request.method, request.path, request.query, request.body,
-                                                   params, request.keep_alive))
+                return await route.handler(replace(request, params=params))
             allowed.append(route.method)
         if allowed:
             return Response.text(f"method {request.method} not allowed here ({', '.join(allowed)})\n", 405)

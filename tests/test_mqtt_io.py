@@ -44,7 +44,10 @@ class _WireRig:
         self.errors: list[Exception] = []
         self.wire = _Wire(self.client, lambda *m: self.delivered.append(m), self.errors.append)
 
-    def close(self) -> None:
+    def __enter__(self) -> _WireRig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.left.close()
         self.right.close()
 
@@ -69,8 +72,7 @@ class _WireRig:
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
 async def test_packets_read_in_any_pieces_are_delivered_acknowledged_or_handed_to_paho(chunk: int) -> None:
-    rig = _WireRig()
-    try:
+    with _WireRig() as rig:
         acked: list[str] = []
         rig.wire.send("t/mine", b"x", retain=False, on_ack=lambda: acked.append("mine"))
         mine = rig.client._out_packet[-1]["mid"]
@@ -98,38 +100,29 @@ async def test_packets_read_in_any_pieces_are_delivered_acknowledged_or_handed_t
         assert [p for p in sent if p[0] == wire.PUBACK] == [(wire.PUBACK, b"\x00\x07"), (wire.PUBACK, b"\x00\x08")]
         assert wire.decode_publish(*sent[0]) == wire.Publish(b"t/mine", b"x", 1, False, mine)
         assert rig.errors == []
-    finally:
-        rig.close()
 
 
 async def test_a_packet_paho_began_to_read_is_taken_over() -> None:
     packet = wire.encode_publish(b"t/a", b"payload", 9, retain=False)
-    rig = _WireRig(partial=packet[:6])
-    try:
+    with _WireRig(partial=packet[:6]) as rig:
         assert rig.client._in_packet["command"] == 0
         rig.right.sendall(packet[6:])
         rig.read_all()
         assert rig.delivered == [("t/a", b"payload", False)]
-    finally:
-        rig.close()
 
 
 async def test_bytes_that_are_not_mqtt_end_the_connection() -> None:
-    rig = _WireRig()
-    try:
+    with _WireRig() as rig:
         disconnected: list[object] = []
         rig.client.on_disconnect = lambda *args: disconnected.append(args)
         rig.right.sendall(wire.encode_publish(b"t/a", b"ok", 1, retain=False) + b"\x30\xff\xff\xff\xff\x01")
         rig.client.loop_read()
         assert rig.delivered == [("t/a", b"ok", False)]
         assert rig.client._sock is None and disconnected  # paho closed it and told aiomqtt
-    finally:
-        rig.close()
 
 
 async def test_publishes_sent_in_one_turn_leave_in_one_write_and_each_ack_is_called_once() -> None:
-    rig = _WireRig()
-    try:
+    with _WireRig() as rig:
         acked: list[int] = []
         for i in range(50):
             rig.wire.send(f"t/{i}", b"p" * i, retain=i % 2 == 0, on_ack=functools.partial(acked.append, i))
@@ -148,8 +141,6 @@ async def test_publishes_sent_in_one_turn_leave_in_one_write_and_each_ack_is_cal
         rig.client._sock = None
         with pytest.raises(ConnectionLost):
             rig.wire.send("t/x", b"", retain=False, on_ack=None)
-    finally:
-        rig.close()
 
 
 def _as_aiomqtt_does(rig: _WireRig, loop: asyncio.AbstractEventLoop, writable: Callable[[], None]) -> None:
@@ -162,8 +153,7 @@ def _as_aiomqtt_does(rig: _WireRig, loop: asyncio.AbstractEventLoop, writable: C
 async def test_a_write_of_ours_never_leaves_aiomqtt_a_writer_paho_believes_gone() -> None:
     # aiomqtt adds the writer paho asks for at the loop's next turn and removes it at once; a write of ours
     # between the two that unregistered would leave a writer called on every turn (an agent at 100 % CPU).
-    rig = _WireRig()
-    try:
+    with _WireRig() as rig:
         loop = asyncio.get_running_loop()
         calls = 0
 
@@ -181,38 +171,35 @@ async def test_a_write_of_ours_never_leaves_aiomqtt_a_writer_paho_believes_gone(
         assert [f for f, _ in rig.sent()] == [paho.PINGREQ, wire.PUBLISH | 0x02]
         assert calls <= 1
         loop.remove_writer(rig.left.fileno())
-    finally:
-        rig.close()
 
 
 async def test_the_disconnect_is_written_by_paho_after_what_was_queued_before_it() -> None:
     # A write of ours at the loop's next turn, due when the DISCONNECT is queued, must leave it to paho's writer:
     # written by us, it closes the socket before aiomqtt adds that writer (an error logged with a traceback).
-    rig = _WireRig()
-    try:
-        loop = asyncio.get_running_loop()
-        errors: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    with _WireRig() as rig:
+        try:
+            loop = asyncio.get_running_loop()
+            errors: list[dict[str, Any]] = []
+            loop.set_exception_handler(lambda _loop, context: errors.append(context))
 
-        def writable() -> None:
-            if rig.client._sock is not None:
-                rig.client.loop_write()
+            def writable() -> None:
+                if rig.client._sock is not None:
+                    rig.client.loop_write()
 
-        _as_aiomqtt_does(rig, loop, writable)
-        rig.wire.send("t/last", b"release", retain=True, on_ack=None)  # our write is due at the next turn
-        rig.client._send_disconnect()
-        for _ in range(20):
-            await asyncio.sleep(0)
-        got = b""
-        while chunk := rig.right.recv(1 << 16):
-            got += chunk
-        packets, _, _ = wire.frames(got)
-        assert [f for f, _ in packets] == [wire.PUBLISH | 0x03, paho.DISCONNECT]
-        assert rig.client._sock is None  # paho closed it after the DISCONNECT
-        assert errors == []
-    finally:
-        loop.set_exception_handler(None)
-        rig.close()
+            _as_aiomqtt_does(rig, loop, writable)
+            rig.wire.send("t/last", b"release", retain=True, on_ack=None)  # our write is due at the next turn
+            rig.client._send_disconnect()
+            for _ in range(20):
+                await asyncio.sleep(0)
+            got = b""
+            while chunk := rig.right.recv(1 << 16):
+                got += chunk
+            packets, _, _ = wire.frames(got)
+            assert [f for f, _ in packets] == [wire.PUBLISH | 0x03, paho.DISCONNECT]
+            assert rig.client._sock is None  # paho closed it after the DISCONNECT
+            assert errors == []
+        finally:
+            loop.set_exception_handler(None)
 
 
 # ---- writes -------------------------------------------------------------------------------------
